@@ -1,0 +1,102 @@
+// Deterministic streams of cells from a shard folder, for training.
+//
+// A global batch of G cells per optimizer step is k = G / b micro-batches of b
+// cells. k *logical streams* each own whole blocks of consecutive cells (a
+// block never crosses a shard): the blocks of the training split are permuted
+// by a function of (seed, epoch) and dealt round-robin to the k streams; cells
+// are shuffled inside each block, also keyed by (seed, epoch, block). Micro-
+// batch j of every step comes from stream j, and rank r serves the streams
+// j = r, r + N, r + 2N, ... (N ranks; N must divide k), so rank r accumulates
+// k / N micro-batches per step. The global batches are therefore the same for
+// any number of ranks and no block is read by two ranks.
+//
+// An epoch has as many steps as its shortest stream allows (the few cells
+// left at the end of the longer streams are skipped that epoch; the next
+// epoch's permutation deals them differently).
+//
+// The validation split is a stable hash of the cell id (RNG_SPLIT keyed by
+// split_seed): the same cells are held out whatever the seed, the batch or the
+// number of ranks.
+//
+// A prefetch thread reads and decompresses ahead; it is the only thread of the
+// stream that calls HDF5 (the library is serialised by h5lock, see below).
+//
+// The cursor (epoch and the position of each of the k streams) is small and is
+// saved in checkpoints; restoring it continues the exact same sequence of
+// global batches, on the same or on another number of ranks.
+#ifndef PERFCELL_STREAM_H
+#define PERFCELL_STREAM_H
+
+#include "perfcell/manifest.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+// Cells in the form the model consumes: sparse rows in vocabulary order.
+typedef struct {
+    size_t n;         // cells
+    size_t nnz;       // stored (gene, count) pairs
+    int64_t *cell_id; // (n) global cell id
+    int32_t *label;   // (n) label code, -1 when unlabelled or no label key
+    double *total;    // (n) total counts of the cell over vocabulary genes
+    int64_t *offset;  // (n + 1) start of each cell in gene/count
+    int32_t *gene;    // (nnz) vocabulary index, ascending within a cell
+    float *count;     // (nnz) raw count (> 0)
+    size_t cap_cells, cap_nnz;
+} CellBatch;
+
+void cellbatch_init(CellBatch *b);
+void cellbatch_free(CellBatch *b);
+// Make room for n cells and nnz pairs (grows, never shrinks).
+void cellbatch_reserve(CellBatch *b, size_t n, size_t nnz);
+void cellbatch_clear(CellBatch *b);
+
+typedef struct {
+    uint64_t seed;        // shuffling (block permutation and in-block order)
+    size_t global_batch;  // G: cells per optimizer step
+    size_t micro_batch;   // b: cells per micro-batch (G % b == 0)
+    size_t block_cells;   // cells per block (default 256)
+    double val_fraction;  // share of cells held out for validation, [0, 1)
+    uint64_t split_seed;  // key of the validation hash (default 0)
+    int prefetch;         // micro-batches decoded ahead (0: read synchronously)
+} StreamConfig;
+
+typedef struct Stream Stream;
+
+// Open the training stream of this rank. Collective over nothing (pure local
+// computation from the manifest); every rank calls it with the same config.
+// Returns NULL with error_set() on a bad config (N does not divide k, ...) or
+// an unreadable shard folder.
+Stream *stream_open(const Manifest *m, const StreamConfig *cfg, int rank, int size);
+void stream_close(Stream *s);
+
+// Micro-batches this rank contributes per optimizer step (k / N).
+size_t stream_local_micro_batches(const Stream *s);
+// Steps in the current epoch and the number of training cells.
+int64_t stream_steps_per_epoch(const Stream *s);
+int64_t stream_train_cells(const Stream *s);
+
+// The next micro-batch of this rank, in order: for each step, the streams
+// j = rank, rank + N, ... . *stream_index (optional) receives j. Returns 0, or
+// -1 with error_set() naming the shard file and the fault (corrupt chunk,
+// truncated file, checksum mismatch of decoded content, ...).
+int stream_next(Stream *s, CellBatch *out, size_t *stream_index);
+
+// Cursor: epoch, step within the epoch and the k stream positions, as int64
+// values (length stream_cursor_len()) to store in a checkpoint. The cursor is
+// the same on every rank. stream_cursor_set() may be called right after
+// stream_open() on any number of ranks with the same G and b.
+size_t stream_cursor_len(const Stream *s);
+void stream_cursor_get(const Stream *s, int64_t *out);
+int stream_cursor_set(Stream *s, const int64_t *cur, size_t len);
+
+// Validation cells of this rank: the held-out cells, split into N contiguous
+// parts of the (id-ordered) validation list; read in order, `max_cells` at
+// most (0: all). Calls cb for each batch of at most b cells.
+typedef int (*StreamBatchFn)(const CellBatch *b, void *ctx);
+int stream_for_each_validation(Stream *s, size_t batch, size_t max_cells, StreamBatchFn cb, void *ctx);
+
+// Whether a cell id is in the validation split.
+int stream_is_validation(uint64_t split_seed, double val_fraction, int64_t cell_id);
+
+#endif

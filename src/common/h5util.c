@@ -1,0 +1,302 @@
+// HDF5 helpers.
+#include "perfcell/h5util.h"
+
+#include "perfcell/error.h"
+
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+int h5_exists(hid_t loc, const char *path) {
+    char buf[1024];
+    size_t n = strlen(path);
+    if (n == 0 || n >= sizeof buf) return 0;
+    memcpy(buf, path, n + 1);
+    // H5Lexists needs every intermediate link to exist: check each prefix.
+    for (size_t i = 1; i <= n; i++) {
+        if (buf[i] == '/' || buf[i] == '\0') {
+            char c = buf[i];
+            buf[i] = '\0';
+            htri_t e = H5Lexists(loc, buf, H5P_DEFAULT);
+            if (e <= 0) return 0;
+            if (c) {
+                H5O_info_t info;
+                if (H5Oget_info_by_name(loc, buf, &info, H5P_DEFAULT) < 0 ||
+                    info.type != H5O_TYPE_GROUP)
+                    return 0;
+            }
+            buf[i] = c;
+        }
+    }
+    return 1;
+}
+
+int h5_object_type(hid_t loc, const char *path) {
+    if (!h5_exists(loc, path)) return -1;
+    H5O_info_t info;
+    if (H5Oget_info_by_name(loc, path, &info, H5P_DEFAULT) < 0) return -1;
+    return (int)info.type;
+}
+
+int h5_dataset_size(hid_t loc, const char *name, const char *what, int64_t *n, int *rank) {
+    hid_t d = H5I_INVALID_HID, s = H5I_INVALID_HID;
+    int rc = -1;
+    if ((d = H5Dopen2(loc, name, H5P_DEFAULT)) < 0) {
+        error_set_h5("%s: cannot open dataset '%s'", what, name);
+        goto cleanup;
+    }
+    if ((s = H5Dget_space(d)) < 0) {
+        error_set_h5("%s: cannot read the shape of '%s'", what, name);
+        goto cleanup;
+    }
+    int r = H5Sget_simple_extent_ndims(s);
+    hssize_t np = H5Sget_simple_extent_npoints(s);
+    if (r < 0 || np < 0) {
+        error_set_h5("%s: bad shape for '%s'", what, name);
+        goto cleanup;
+    }
+    *n = (int64_t)np;
+    if (rank) *rank = r;
+    rc = 0;
+cleanup:
+    if (s >= 0) H5Sclose(s);
+    if (d >= 0) H5Dclose(d);
+    return rc;
+}
+
+int h5_read_all(hid_t loc, const char *name, const char *what, hid_t memtype, void *buf) {
+    hid_t d = H5Dopen2(loc, name, H5P_DEFAULT);
+    if (d < 0) return error_set_h5("%s: cannot open dataset '%s'", what, name);
+    herr_t e = H5Dread(d, memtype, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf);
+    H5Dclose(d);
+    if (e < 0) return error_set_h5("%s: cannot read dataset '%s'", what, name);
+    return 0;
+}
+
+void h5_free_strings(char **s, size_t n) {
+    if (!s) return;
+    for (size_t i = 0; i < n; i++) free(s[i]);
+    free(s);
+}
+
+int h5_read_strings(hid_t loc, const char *name, const char *what, char ***out, size_t *n_out) {
+    hid_t d = H5I_INVALID_HID, ft = H5I_INVALID_HID, mt = H5I_INVALID_HID, sp = H5I_INVALID_HID;
+    char **res = NULL;
+    size_t n = 0;
+    int rc = -1;
+    if ((d = H5Dopen2(loc, name, H5P_DEFAULT)) < 0) {
+        error_set_h5("%s: cannot open string dataset '%s'", what, name);
+        goto cleanup;
+    }
+    if ((ft = H5Dget_type(d)) < 0 || (sp = H5Dget_space(d)) < 0) {
+        error_set_h5("%s: cannot read type of '%s'", what, name);
+        goto cleanup;
+    }
+    if (H5Tget_class(ft) != H5T_STRING) {
+        error_set("%s: dataset '%s' does not hold strings", what, name);
+        goto cleanup;
+    }
+    if (H5Sget_simple_extent_ndims(sp) > 1) {
+        error_set("%s: dataset '%s' is not one-dimensional", what, name);
+        goto cleanup;
+    }
+    hssize_t np = H5Sget_simple_extent_npoints(sp);
+    if (np < 0) {
+        error_set_h5("%s: bad shape for '%s'", what, name);
+        goto cleanup;
+    }
+    n = (size_t)np;
+    res = xcalloc(n ? n : 1, sizeof *res);
+    htri_t vlen = H5Tis_variable_str(ft);
+    if (vlen < 0) {
+        error_set_h5("%s: cannot read string type of '%s'", what, name);
+        goto cleanup;
+    }
+    if (vlen) {
+        mt = H5Tcopy(H5T_C_S1);
+        H5Tset_size(mt, H5T_VARIABLE);
+        H5Tset_cset(mt, H5Tget_cset(ft));
+        char **raw = xcalloc(n ? n : 1, sizeof *raw);
+        if (H5Dread(d, mt, H5S_ALL, H5S_ALL, H5P_DEFAULT, raw) < 0) {
+            free(raw);
+            error_set_h5("%s: cannot read strings of '%s'", what, name);
+            goto cleanup;
+        }
+        for (size_t i = 0; i < n; i++) res[i] = xstrdup(raw[i] ? raw[i] : "");
+        H5Dvlen_reclaim(mt, sp, H5P_DEFAULT, raw);
+        free(raw);
+    } else {
+        size_t w = H5Tget_size(ft);
+        if (w == 0 || w > (1u << 20)) {
+            error_set("%s: dataset '%s' has an implausible string width %zu", what, name, w);
+            goto cleanup;
+        }
+        mt = H5Tcopy(H5T_C_S1);
+        H5Tset_size(mt, w);
+        H5Tset_strpad(mt, H5T_STR_NULLPAD);
+        H5Tset_cset(mt, H5Tget_cset(ft));
+        char *raw = xmalloc(n * w + 1);
+        if (H5Dread(d, mt, H5S_ALL, H5S_ALL, H5P_DEFAULT, raw) < 0) {
+            free(raw);
+            error_set_h5("%s: cannot read strings of '%s'", what, name);
+            goto cleanup;
+        }
+        for (size_t i = 0; i < n; i++) {
+            size_t l = strnlen(raw + i * w, w);
+            res[i] = xmalloc(l + 1);
+            memcpy(res[i], raw + i * w, l);
+            res[i][l] = '\0';
+        }
+        free(raw);
+    }
+    *out = res;
+    *n_out = n;
+    res = NULL;
+    rc = 0;
+cleanup:
+    if (res) h5_free_strings(res, n);
+    if (mt >= 0) H5Tclose(mt);
+    if (sp >= 0) H5Sclose(sp);
+    if (ft >= 0) H5Tclose(ft);
+    if (d >= 0) H5Dclose(d);
+    return rc;
+}
+
+int h5_attr_exists(hid_t obj, const char *name) { return H5Aexists(obj, name) > 0; }
+
+int h5_attr_read_string(hid_t obj, const char *name, char *buf, size_t len) {
+    hid_t a = H5I_INVALID_HID, ft = H5I_INVALID_HID, mt = H5I_INVALID_HID, sp = H5I_INVALID_HID;
+    int rc = -1;
+    buf[0] = '\0';
+    if ((a = H5Aopen(obj, name, H5P_DEFAULT)) < 0) {
+        error_set_h5("cannot open attribute '%s'", name);
+        goto cleanup;
+    }
+    ft = H5Aget_type(a);
+    sp = H5Aget_space(a);
+    if (ft < 0 || sp < 0 || H5Tget_class(ft) != H5T_STRING) {
+        error_set("attribute '%s' is not a string", name);
+        goto cleanup;
+    }
+    if (H5Sget_simple_extent_npoints(sp) != 1) {
+        error_set("attribute '%s' is not a single string", name);
+        goto cleanup;
+    }
+    mt = H5Tcopy(H5T_C_S1);
+    if (H5Tis_variable_str(ft) > 0) {
+        H5Tset_size(mt, H5T_VARIABLE);
+        char *v = NULL;
+        if (H5Aread(a, mt, &v) < 0) {
+            error_set_h5("cannot read attribute '%s'", name);
+            goto cleanup;
+        }
+        snprintf(buf, len, "%s", v ? v : "");
+        H5free_memory(v);
+    } else {
+        size_t w = H5Tget_size(ft);
+        if (w == 0 || w > (1u << 16)) {
+            error_set("attribute '%s' has an implausible width", name);
+            goto cleanup;
+        }
+        H5Tset_size(mt, w);
+        H5Tset_strpad(mt, H5T_STR_NULLPAD);
+        char *v = xcalloc(1, w + 1);
+        if (H5Aread(a, mt, v) < 0) {
+            free(v);
+            error_set_h5("cannot read attribute '%s'", name);
+            goto cleanup;
+        }
+        snprintf(buf, len, "%s", v);
+        free(v);
+    }
+    rc = 0;
+cleanup:
+    if (mt >= 0) H5Tclose(mt);
+    if (sp >= 0) H5Sclose(sp);
+    if (ft >= 0) H5Tclose(ft);
+    if (a >= 0) H5Aclose(a);
+    return rc;
+}
+
+int h5_attr_read_i64s(hid_t obj, const char *name, int64_t *v, size_t n) {
+    hid_t a = H5Aopen(obj, name, H5P_DEFAULT);
+    if (a < 0) return error_set_h5("cannot open attribute '%s'", name);
+    hid_t sp = H5Aget_space(a);
+    hssize_t np = sp >= 0 ? H5Sget_simple_extent_npoints(sp) : -1;
+    int rc = 0;
+    if (np != (hssize_t)n)
+        rc = error_set("attribute '%s' has %lld values, expected %zu", name, (long long)np, n);
+    else if (H5Aread(a, H5T_NATIVE_INT64, v) < 0)
+        rc = error_set_h5("cannot read attribute '%s'", name);
+    if (sp >= 0) H5Sclose(sp);
+    H5Aclose(a);
+    return rc;
+}
+
+static hid_t vlen_utf8(void) {
+    hid_t t = H5Tcopy(H5T_C_S1);
+    H5Tset_size(t, H5T_VARIABLE);
+    H5Tset_cset(t, H5T_CSET_UTF8);
+    return t;
+}
+
+static int attr_write(hid_t obj, const char *name, hid_t type, hid_t space, const void *buf) {
+    if (H5Aexists(obj, name) > 0 && H5Adelete(obj, name) < 0)
+        return error_set_h5("cannot replace attribute '%s'", name);
+    hid_t a = H5Acreate2(obj, name, type, space, H5P_DEFAULT, H5P_DEFAULT);
+    if (a < 0) return error_set_h5("cannot create attribute '%s'", name);
+    herr_t e = H5Awrite(a, type, buf);
+    H5Aclose(a);
+    if (e < 0) return error_set_h5("cannot write attribute '%s'", name);
+    return 0;
+}
+
+int h5_attr_write_string(hid_t obj, const char *name, const char *value) {
+    hid_t t = vlen_utf8(), s = H5Screate(H5S_SCALAR);
+    int rc = attr_write(obj, name, t, s, &value);
+    H5Sclose(s);
+    H5Tclose(t);
+    return rc;
+}
+
+int h5_attr_write_strings(hid_t obj, const char *name, const char *const *v, size_t n) {
+    hsize_t dim = n;
+    hid_t t = vlen_utf8(), s = H5Screate_simple(1, &dim, NULL);
+    int rc = attr_write(obj, name, t, s, v);
+    H5Sclose(s);
+    H5Tclose(t);
+    return rc;
+}
+
+int h5_attr_write_i64s(hid_t obj, const char *name, const int64_t *v, size_t n) {
+    hsize_t dim = n;
+    hid_t s = H5Screate_simple(1, &dim, NULL);
+    int rc = attr_write(obj, name, H5T_STD_I64LE, s, v);
+    H5Sclose(s);
+    return rc;
+}
+
+int h5_write_strings(hid_t loc, const char *name, const char *const *v, size_t n) {
+    hsize_t dim = n;
+    hid_t t = vlen_utf8(), s = H5Screate_simple(1, &dim, NULL);
+    hid_t d = H5Dcreate2(loc, name, t, s, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    int rc = 0;
+    if (d < 0)
+        rc = error_set_h5("cannot create string dataset '%s'", name);
+    else if (n > 0 && H5Dwrite(d, t, H5S_ALL, H5S_ALL, H5P_DEFAULT, v) < 0)
+        rc = error_set_h5("cannot write string dataset '%s'", name);
+    if (d >= 0) H5Dclose(d);
+    H5Sclose(s);
+    H5Tclose(t);
+    return rc;
+}
+
+int h5_set_encoding(hid_t obj, const char *type, const char *version) {
+    if (h5_attr_write_string(obj, "encoding-type", type) != 0) return -1;
+    return h5_attr_write_string(obj, "encoding-version", version);
+}
+
+static pthread_mutex_t g_h5_lock = PTHREAD_MUTEX_INITIALIZER;
+
+void h5_lock(void) { pthread_mutex_lock(&g_h5_lock); }
+void h5_unlock(void) { pthread_mutex_unlock(&g_h5_lock); }
