@@ -71,7 +71,8 @@ ALL_CFLAGS = -std=c11 $(WARN) $(OPT) $(CFLAGS) $(CPPFLAGS) $(DEP_CFLAGS) -MMD -M
 BUILD := build/$(MODE)
 PLUGIN_DIR := lib/hdf5-plugin
 
-LIB_SRC := $(sort $(wildcard src/*/*.c))
+MAIN_SRC := src/cli/perfcell_main.c
+LIB_SRC := $(filter-out $(MAIN_SRC),$(sort $(wildcard src/*/*.c)))
 LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/%.o)
 LIB := $(BUILD)/libperfcell.a
 
@@ -93,7 +94,7 @@ $(LIB): $(LIB_OBJ)
 	rm -f $@
 	ar rcs $@ $^
 
-$(BIN)/perfcell: $(BUILD)/tools/perfcell_main.o $(LIB)
+$(BIN)/perfcell: $(BUILD)/src/cli/perfcell_main.o $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDOPT) $< $(LIB) $(DEP_LIBS) -o $@
 
@@ -142,4 +143,4 @@ deps:
 clean:
 	rm -rf build bin lib
 
--include $(LIB_OBJ:.o=.d) $(TESTS:=.d) $(BUILD)/tools/*.d
+-include $(LIB_OBJ:.o=.d) $(TESTS:=.d) $(wildcard $(BUILD)/tools/*.d $(BUILD)/src/cli/*.d $(BUILD)/tests/bench/*.d)
