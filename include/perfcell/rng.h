@@ -50,6 +50,8 @@ void rng_shuffle_u32(Rng *r, uint32_t *x, size_t n); // Fisher-Yates
 // for dropout masks so that any element's value is independent of how the
 // work is split).
 uint32_t rng_word_at(const Rng *r, uint64_t i);
+// Words 4i .. 4i+3 of the stream at once.
+void rng_block_at(const Rng *r, uint64_t i, uint32_t out[4]);
 
 uint64_t rng_mix64(uint64_t x); // splitmix64 finaliser
 

@@ -19,7 +19,8 @@
 // number of ranks.
 //
 // A prefetch thread reads and decompresses ahead; it is the only thread of the
-// stream that calls HDF5 (the library is serialised by h5lock, see below).
+// stream that calls HDF5, holding h5_lock() (h5util.h) around each call, so the
+// main thread may write checkpoints with HDF5 meanwhile under the same lock.
 //
 // The cursor (epoch and the position of each of the k streams) is small and is
 // saved in checkpoints; restoring it continues the exact same sequence of
@@ -50,6 +51,8 @@ void cellbatch_free(CellBatch *b);
 // Make room for n cells and nnz pairs (grows, never shrinks).
 void cellbatch_reserve(CellBatch *b, size_t n, size_t nnz);
 void cellbatch_clear(CellBatch *b);
+// Append cells [i0, i1) of src to dst.
+void cellbatch_append(CellBatch *dst, const CellBatch *src, size_t i0, size_t i1);
 
 typedef struct {
     uint64_t seed;        // shuffling (block permutation and in-block order)
@@ -59,6 +62,10 @@ typedef struct {
     double val_fraction;  // share of cells held out for validation, [0, 1)
     uint64_t split_seed;  // key of the validation hash (default 0)
     int prefetch;         // micro-batches decoded ahead (0: read synchronously)
+    int skip_file_crc;    // 0: check each shard file's CRC-32 against the manifest
+                          // the first time this rank opens it (one extra
+                          // sequential read of each shard per rank); 1: only
+                          // its size (for very large folders on slow storage)
 } StreamConfig;
 
 typedef struct Stream Stream;
@@ -66,8 +73,10 @@ typedef struct Stream Stream;
 // Open the training stream of this rank. Collective over nothing (pure local
 // computation from the manifest); every rank calls it with the same config.
 // Returns NULL with error_set() on a bad config (N does not divide k, ...) or
-// an unreadable shard folder.
+// an unreadable shard folder. The manifest is copied (it may be freed after).
+// Opening hashes every cell id once (validation split) and reads no shard.
 Stream *stream_open(const Manifest *m, const StreamConfig *cfg, int rank, int size);
+// Stops the prefetch thread (also in the middle of an epoch) and frees all.
 void stream_close(Stream *s);
 
 // Micro-batches this rank contributes per optimizer step (k / N).
@@ -86,6 +95,11 @@ int stream_next(Stream *s, CellBatch *out, size_t *stream_index);
 // values (length stream_cursor_len()) to store in a checkpoint. The cursor is
 // the same on every rank. stream_cursor_set() may be called right after
 // stream_open() on any number of ranks with the same G and b.
+//
+// The cursor counts whole steps: the step in progress (some but not all of
+// this rank's k / N micro-batches returned) is not recorded, so take it at a
+// step boundary. Stream positions are cells consumed in the epoch (every
+// stream consumes b per step); a cursor of another G or b is refused.
 size_t stream_cursor_len(const Stream *s);
 void stream_cursor_get(const Stream *s, int64_t *out);
 int stream_cursor_set(Stream *s, const int64_t *cur, size_t len);
@@ -93,10 +107,25 @@ int stream_cursor_set(Stream *s, const int64_t *cur, size_t len);
 // Validation cells of this rank: the held-out cells, split into N contiguous
 // parts of the (id-ordered) validation list; read in order, `max_cells` at
 // most (0: all). Calls cb for each batch of at most b cells.
+//
+// `max_cells` caps the whole list (the first max_cells validation cells, then
+// split over ranks), so the evaluated cells do not depend on N; `batch` 0
+// means the micro-batch. A non-zero return of cb stops the walk and is
+// returned. Runs on the calling thread with its own reader (under h5_lock),
+// while the prefetch thread goes on.
 typedef int (*StreamBatchFn)(const CellBatch *b, void *ctx);
 int stream_for_each_validation(Stream *s, size_t batch, size_t max_cells, StreamBatchFn cb, void *ctx);
+// Number of validation cells (all ranks).
+int64_t stream_validation_cells(const Stream *s);
 
 // Whether a cell id is in the validation split.
 int stream_is_validation(uint64_t split_seed, double val_fraction, int64_t cell_id);
+
+// Instrumentation (tests, statistics): called by the reading thread after each
+// block read, with the epoch, the stream j and the block (index in folder
+// order: blocks of shard 0 first). Set it before the first stream_next().
+typedef void (*StreamReadHook)(void *ctx, int64_t epoch, size_t stream, uint32_t block,
+                               int64_t first_cell, size_t n_cells);
+void stream_set_read_hook(Stream *s, StreamReadHook fn, void *ctx);
 
 #endif

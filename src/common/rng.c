@@ -75,6 +75,8 @@ void rng_shuffle_u32(Rng *r, uint32_t *x, size_t n) {
     }
 }
 
+void rng_block_at(const Rng *r, uint64_t i, uint32_t out[4]) { block_at(r, (uint32_t)i, out); }
+
 uint32_t rng_word_at(const Rng *r, uint64_t i) {
     uint32_t v[4];
     block_at(r, (uint32_t)(i >> 2), v);

@@ -1,0 +1,4 @@
+# The Performer encoder: layers against finite differences in double, the
+# float kernels against the double ones, and whole-model properties.
+run model.layers_fd 300 "$TBIN/test_layers"
+run model.encoder 300 "$TBIN/test_model"
