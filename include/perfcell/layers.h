@@ -20,7 +20,7 @@ void embedding_forward(float *out, // (T, C)
                        const float *token_emb,                    // (V, C)
                        const float *gene_emb,                     // (G + 1, C)
                        size_t T, size_t C);
-// dgene_emb may be NULL (frozen); row `zero_row` of the gene embedding (the
+// dtoken_emb and dgene_emb may be NULL (frozen); row `zero_row` of the gene embedding (the
 // last position's all-zero row) receives no gradient.
 void embedding_backward(float *dtoken_emb, float *dgene_emb, const float *dout,
                         const int32_t *token, const int32_t *gene, size_t T, size_t C,
@@ -32,7 +32,8 @@ void layernorm_forward(float *out,               // (T, C)
                        const float *inp,         // (T, C)
                        const float *w, const float *b, // (C)
                        size_t T, size_t C);
-// dinp is accumulated into (+=), as in a residual stream.
+// dinp is accumulated into (+=), as in a residual stream; dw, db may be NULL
+// (frozen weights).
 void layernorm_backward(float *dinp, float *dw, float *db, const float *dout, const float *inp,
                         const float *w, const float *mean, const float *rstd, size_t T, size_t C);
 

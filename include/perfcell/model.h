@@ -84,6 +84,11 @@ typedef struct {
     float *token_emb, *gene_emb, *norm_w, *norm_b;
     float *dtoken_emb, *dgene_emb, *dnorm_w, *dnorm_b;
     LayerWeights *w, *dw; // (L)
+    // What backward must produce, from the table's trainable flags: frozen
+    // blocks get no weight gradients, and backward stops below the lowest
+    // trainable block when the embeddings are frozen too.
+    int *layer_trainable; // (L)
+    int emb_trainable, norm_trainable, any_trainable;
     float *proj;          // (L, M, E) random features of each layer
     int64_t redraw_index; // which redraw the features come from
     uint64_t feature_seed;

@@ -176,7 +176,7 @@ int model_alloc(Model *m, const ModelConfig *cfg, ParamTable *table, size_t max_
     m->norm_w = param_ptr(m, m->params, "norm.weight");
     m->norm_b = param_ptr(m, m->params, "norm.bias");
     m->dtoken_emb = param_ptr(m, m->grads, "token_emb.weight");
-    m->dgene_emb = cfg->gene_emb_frozen ? NULL : param_ptr(m, m->grads, "pos_emb.emb.weight");
+    m->dgene_emb = param_ptr(m, m->grads, "pos_emb.emb.weight");
     m->dnorm_w = param_ptr(m, m->grads, "norm.weight");
     m->dnorm_b = param_ptr(m, m->grads, "norm.bias");
     m->w = xcalloc(L, sizeof *m->w);
@@ -186,6 +186,18 @@ int model_alloc(Model *m, const ModelConfig *cfg, ParamTable *table, size_t max_
         bind_layer(m, m->grads, l, &m->dw[l]);
     }
     m->proj = floats_alloc(L * cfg->n_features * cfg->dim_head);
+    m->layer_trainable = xcalloc(L, sizeof *m->layer_trainable);
+    for (size_t i = 0; i < m->table.n; i++) {
+        const ParamEntry *e = &m->table.e[i];
+        if (!e->trainable) continue;
+        size_t l;
+        if (sscanf(e->name, "performer.net.layers.%zu.", &l) == 1 && l < L) m->layer_trainable[l] = 1;
+        else if (strcmp(e->name, "token_emb.weight") == 0 || strcmp(e->name, "pos_emb.emb.weight") == 0)
+            m->emb_trainable = 1;
+        else if (strncmp(e->name, "norm.", 5) == 0) m->norm_trainable = 1;
+    }
+    m->any_trainable = m->emb_trainable || m->norm_trainable;
+    for (size_t l = 0; l < L; l++) m->any_trainable |= m->layer_trainable[l];
 
     m->max_tokens = T;
     m->max_cells = B;
@@ -244,6 +256,7 @@ void model_free(Model *m) {
     free(m->w);
     free(m->dw);
     free(m->proj);
+    free(m->layer_trainable);
     free(m->arena);
     free(m->iarena);
     free(m->x);
@@ -354,13 +367,17 @@ static void block_forward(Model *m, size_t l, LayerActs *a, const TokenBatch *tb
     for (size_t i = 0; i < T * C; i++) y[i] += a->res1[i];
 }
 
-// m->dx holds dL/dx[l + 1] on entry and dL/dx[l] on return.
+// m->dx holds dL/dx[l + 1] on entry and dL/dx[l] on return. Without
+// weight gradients (a frozen block) only dx is propagated.
 static void block_backward(Model *m, size_t l, LayerActs *a, const TokenBatch *tb,
                            const PassCtx *ctx) {
     const ModelConfig *c = &m->cfg;
     const size_t T = tb->n_tokens, C = c->dim, HE = c->heads * c->dim_head, F = c->ff_dim;
     const LayerWeights *w = &m->w[l];
-    LayerWeights *dw = &m->dw[l];
+    const int g = m->layer_trainable[l];
+    LayerWeights none;
+    memset(&none, 0, sizeof none);
+    const LayerWeights *dw = g ? &m->dw[l] : &none;
     FavorDims fd = favor_dims(c);
 
     // Feed-forward half: x[l+1] = res1 + w2(drop(gelu(w1(ln2(res1))))).
@@ -381,9 +398,11 @@ static void block_backward(Model *m, size_t l, LayerActs *a, const TokenBatch *t
     gemm(0, 0, T, C, HE, 1.0f, m->dq, HE, w->wq, C, 0.0f, m->dln, C);
     gemm(0, 0, T, C, HE, 1.0f, m->dk, HE, w->wk, C, 1.0f, m->dln, C);
     gemm(0, 0, T, C, HE, 1.0f, m->dv, HE, w->wv, C, 1.0f, m->dln, C);
-    gemm(1, 0, HE, C, T, 1.0f, m->dq, HE, a->ln1, C, 1.0f, dw->wq, C);
-    gemm(1, 0, HE, C, T, 1.0f, m->dk, HE, a->ln1, C, 1.0f, dw->wk, C);
-    gemm(1, 0, HE, C, T, 1.0f, m->dv, HE, a->ln1, C, 1.0f, dw->wv, C);
+    if (g) {
+        gemm(1, 0, HE, C, T, 1.0f, m->dq, HE, a->ln1, C, 1.0f, dw->wq, C);
+        gemm(1, 0, HE, C, T, 1.0f, m->dk, HE, a->ln1, C, 1.0f, dw->wk, C);
+        gemm(1, 0, HE, C, T, 1.0f, m->dv, HE, a->ln1, C, 1.0f, dw->wv, C);
+    }
     layernorm_backward(m->dx, dw->ln1_w, dw->ln1_b, m->dln, m->x[l], w->ln1_w, a->ln1_mean,
                        a->ln1_rstd, T, C);
 }
@@ -418,19 +437,35 @@ void model_forward(Model *m, const TokenBatch *tb, const PassCtx *ctx) {
 void model_backward(Model *m, const TokenBatch *tb, const PassCtx *ctx, float *dhidden) {
     const ModelConfig *c = &m->cfg;
     const size_t T = tb->n_tokens, C = c->dim, L = c->depth;
+    if (!m->any_trainable) return;
+    // The lowest block backward must reach: all of them when the embeddings
+    // learn, else the lowest block with trainable weights.
+    size_t lowest = 0;
+    if (!m->emb_trainable) {
+        lowest = L;
+        for (size_t l = 0; l < L; l++)
+            if (m->layer_trainable[l]) {
+                lowest = l;
+                break;
+            }
+    }
     memset(m->dx, 0, T * C * sizeof(float));
-    layernorm_backward(m->dx, m->dnorm_w, m->dnorm_b, dhidden, m->x[L], m->norm_w, m->fin_mean,
-                       m->fin_rstd, T, C);
-    for (size_t l = L; l-- > 0;) {
+    layernorm_backward(m->dx, m->norm_trainable ? m->dnorm_w : NULL,
+                       m->norm_trainable ? m->dnorm_b : NULL, dhidden, m->x[L], m->norm_w,
+                       m->fin_mean, m->fin_rstd, T, C);
+    for (size_t l = L; l-- > lowest;) {
         LayerActs *a = &m->acts[c->recompute ? 0 : l];
         // With recomputation the single activation set holds the last block
         // after the forward pass; earlier blocks are recomputed from x[l].
         if (c->recompute && l != L - 1) block_forward(m, l, a, tb, ctx);
         block_backward(m, l, a, tb, ctx);
     }
+    if (!m->emb_trainable) return;
     dropout_cells(m->dx, C, c->dropout_emb, tb, ctx, 0, SITE_EMB);
-    embedding_backward(m->dtoken_emb, m->dgene_emb, m->dx, tb->token, tb->gene, T, C,
-                       c->n_genes);
+    const ParamEntry *te = param_table_find(&m->table, "token_emb.weight");
+    const ParamEntry *ge = param_table_find(&m->table, "pos_emb.emb.weight");
+    embedding_backward(te->trainable ? m->dtoken_emb : NULL, ge->trainable ? m->dgene_emb : NULL,
+                       m->dx, tb->token, tb->gene, T, C, c->n_genes);
 }
 
 double model_forward_flops_cell(const ModelConfig *c, size_t n) {

@@ -22,8 +22,10 @@ void FN(embedding_backward)(real *dtoken_emb, real *dgene_emb, const real *dout,
                         size_t zero_row) {
     for (size_t t = 0; t < T; t++) {
         const real *d = dout + t * C;
-        real *a = dtoken_emb + (size_t)token[t] * C;
-        for (size_t c = 0; c < C; c++) a[c] += d[c];
+        if (dtoken_emb) {
+            real *a = dtoken_emb + (size_t)token[t] * C;
+            for (size_t c = 0; c < C; c++) a[c] += d[c];
+        }
         if (dgene_emb && (size_t)gene[t] != zero_row) {
             real *g = dgene_emb + (size_t)gene[t] * C;
             for (size_t c = 0; c < C; c++) g[c] += d[c];
@@ -69,8 +71,10 @@ void FN(layernorm_backward)(real *dinp, real *dw, real *db, const real *dout, co
             real dn = d[c] * w[c];
             sum_d += dn;
             sum_dx += (double)dn * xhat;
-            dw[c] += d[c] * xhat;
-            db[c] += d[c];
+            if (dw) {
+                dw[c] += d[c] * xhat;
+                db[c] += d[c];
+            }
         }
         real md = (real)(sum_d / (double)C), mdx = (real)(sum_dx / (double)C);
         real *di = dinp + t * C;

@@ -1,0 +1,58 @@
+// Cell-type classification heads on the encoder's final hidden states.
+//
+// scBERT's head (full mode): Conv2d(1, 1, (1, C)) over each position (a dot
+// product with a C-vector plus a bias) -> ReLU -> Linear(T, 512) -> ReLU ->
+// Linear(512, hidden) -> ReLU -> Linear(hidden, classes), T = G + 1. Tensor
+// names follow scBERT (to_out.conv1.*, to_out.fc1.*, to_out.fc2.*,
+// to_out.fc3.*); to_out.conv1.weight is stored (1, C) (torch: (1, 1, 1, C)).
+//
+// Pooled head (any mode): mean or last-position pooling -> Linear(C, hidden)
+// -> ReLU -> Linear(hidden, classes), tensors cls.fc1.*, cls.fc2.*.
+#ifndef PERFCELL_CLASSIFIER_H
+#define PERFCELL_CLASSIFIER_H
+
+#include "perfcell/model.h"
+
+typedef enum { CLS_SCBERT = 0, CLS_POOLED = 1 } ClsKind;
+
+typedef struct {
+    ClsKind kind;
+    size_t n_classes;
+    size_t hidden;  // scBERT: 128
+    int pool_mean;  // pooled head: mean (1) or last position (0)
+} ClsConfig;
+
+#define CLS_SCBERT_FC1 512
+
+void classifier_head_add(ParamTable *t, const ModelConfig *mc, const ClsConfig *cc);
+
+typedef struct {
+    ClsConfig cfg;
+    size_t C, T_cell, max_cells;
+    const float *w[8];  // parameters in order of the head's tensors
+    float *dw[8];
+    float *x0;          // (B, T_cell) scBERT conv output (pre-ReLU) or (B, C) pooled
+    float *a1, *a2;     // (B, 512 / hidden) pre-activations of the hidden layers
+    float *h1, *h2;     // post-ReLU
+    float *d1, *d2, *dx0; // backward scratch
+} Classifier;
+
+// Bind to the model's parameters (the head's tensors must be in m->table).
+void classifier_init(Classifier *c, const Model *m, const ClsConfig *cfg);
+void classifier_free(Classifier *c);
+// logits (B, classes) for the cells of tb from m->hidden.
+void classifier_forward(Classifier *c, const Model *m, const TokenBatch *tb, float *logits);
+// From dlogits (B, classes): head gradients accumulate into m->grads;
+// dhidden (T, C) is overwritten.
+void classifier_backward(Classifier *c, Model *m, const TokenBatch *tb, const float *dlogits,
+                         float *dhidden);
+
+// Cross-entropy of logits (B, K) against labels (-1 ignored) with optional
+// class weights (NULL: 1); dlogits = d(Σ w_y CE) / norm. Adds to *correct the
+// arg-max hits. Returns Σ w_y CE / norm.
+double classifier_loss(float *dlogits, const float *logits, const int32_t *label, size_t B,
+                       size_t K, const double *class_weight, double norm, int64_t *correct);
+// Softmax probabilities (B, K) in place.
+void classifier_softmax(float *p, size_t B, size_t K);
+
+#endif

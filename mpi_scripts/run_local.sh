@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Run bin/perfcell over NP ranks on this machine.
+#
+#   mpi_scripts/run_local.sh NP COMMAND [perfcell arguments...]
+#   mpi_scripts/run_local.sh 2 pretrain --config configs/pbmc_demo.ini --resume auto
+#
+# OpenBLAS threads are set so that ranks x threads <= cores; as root, the
+# Open MPI variables that allow it are set; with more ranks than cores, ranks
+# oversubscribe. Ctrl-C (SIGINT) or SIGTERM/SIGUSR1 to this script reach the
+# ranks, which checkpoint at the next step boundary and exit 0.
+set -euo pipefail
+if [ $# -lt 2 ] || [ "$1" = "--help" ]; then
+  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+  exit 2
+fi
+NP=$1
+shift
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+CORES=$(nproc)
+export OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-$(( CORES / NP > 0 ? CORES / NP : 1 ))}
+if [ "$(id -u)" -eq 0 ]; then
+  export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+fi
+EXTRA=()
+[ "$NP" -gt "$CORES" ] && EXTRA+=(--oversubscribe)
+export HDF5_PLUGIN_PATH=${HDF5_PLUGIN_PATH:-$ROOT/lib/hdf5-plugin}
+mpirun -np "$NP" "${EXTRA[@]}" --bind-to none -x OPENBLAS_NUM_THREADS -x HDF5_PLUGIN_PATH \
+  "$ROOT/bin/perfcell" "$@" &
+child=$!
+# mpirun forwards SIGUSR1 to the ranks; map SIGTERM and SIGINT to it so that
+# the ranks checkpoint rather than being killed.
+trap 'kill -USR1 $child 2>/dev/null' TERM INT USR1
+rc=0
+while :; do
+  wait "$child" && rc=0 || rc=$?
+  kill -0 "$child" 2>/dev/null || break
+done
+exit "$rc"

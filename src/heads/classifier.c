@@ -1,0 +1,202 @@
+// Classification heads (see classifier.h).
+#include "perfcell/classifier.h"
+
+#include "perfcell/error.h"
+#include "perfcell/layers.h"
+#include "perfcell/linalg.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+static const char *const SCBERT_NAMES[8] = {
+    "to_out.conv1.weight", "to_out.conv1.bias", "to_out.fc1.weight", "to_out.fc1.bias",
+    "to_out.fc2.weight",   "to_out.fc2.bias",   "to_out.fc3.weight", "to_out.fc3.bias"};
+static const char *const POOLED_NAMES[4] = {"cls.fc1.weight", "cls.fc1.bias", "cls.fc2.weight",
+                                            "cls.fc2.bias"};
+
+void classifier_head_add(ParamTable *t, const ModelConfig *mc, const ClsConfig *cc) {
+    const size_t C = mc->dim, K = cc->n_classes, Hh = cc->hidden;
+    if (cc->kind == CLS_SCBERT) {
+        const size_t T = mc->n_genes + 1, F1 = CLS_SCBERT_FC1;
+        const float uc = 1.0f / sqrtf((float)C), ut = 1.0f / sqrtf((float)T);
+        const float u1 = 1.0f / sqrtf((float)F1), u2 = 1.0f / sqrtf((float)Hh);
+        param_table_add(t, SCBERT_NAMES[0], 2, 1, C, 1, 1, INIT_UNIFORM, uc);
+        param_table_add(t, SCBERT_NAMES[1], 1, 1, 0, 1, 0, INIT_UNIFORM, uc);
+        param_table_add(t, SCBERT_NAMES[2], 2, F1, T, 1, 1, INIT_UNIFORM, ut);
+        param_table_add(t, SCBERT_NAMES[3], 1, F1, 0, 1, 0, INIT_UNIFORM, ut);
+        param_table_add(t, SCBERT_NAMES[4], 2, Hh, F1, 1, 1, INIT_UNIFORM, u1);
+        param_table_add(t, SCBERT_NAMES[5], 1, Hh, 0, 1, 0, INIT_UNIFORM, u1);
+        param_table_add(t, SCBERT_NAMES[6], 2, K, Hh, 1, 1, INIT_UNIFORM, u2);
+        param_table_add(t, SCBERT_NAMES[7], 1, K, 0, 1, 0, INIT_UNIFORM, u2);
+    } else {
+        const float uc = 1.0f / sqrtf((float)C), u2 = 1.0f / sqrtf((float)Hh);
+        param_table_add(t, POOLED_NAMES[0], 2, Hh, C, 1, 1, INIT_UNIFORM, uc);
+        param_table_add(t, POOLED_NAMES[1], 1, Hh, 0, 1, 0, INIT_UNIFORM, uc);
+        param_table_add(t, POOLED_NAMES[2], 2, K, Hh, 1, 1, INIT_UNIFORM, u2);
+        param_table_add(t, POOLED_NAMES[3], 1, K, 0, 1, 0, INIT_UNIFORM, u2);
+    }
+}
+
+void classifier_init(Classifier *c, const Model *m, const ClsConfig *cfg) {
+    memset(c, 0, sizeof *c);
+    c->cfg = *cfg;
+    c->C = m->cfg.dim;
+    c->T_cell = m->cfg.n_genes + 1;
+    c->max_cells = m->max_cells;
+    size_t n = cfg->kind == CLS_SCBERT ? 8 : 4;
+    for (size_t i = 0; i < n; i++) {
+        const char *name = cfg->kind == CLS_SCBERT ? SCBERT_NAMES[i] : POOLED_NAMES[i];
+        const ParamEntry *e = param_table_find(&m->table, name);
+        CHECK(e, "internal: classifier tensor %s missing", name);
+        c->w[i] = m->params + e->offset;
+        c->dw[i] = m->grads + e->offset;
+    }
+    const size_t B = m->max_cells;
+    const size_t W0 = cfg->kind == CLS_SCBERT ? c->T_cell : c->C;
+    const size_t W1 = cfg->kind == CLS_SCBERT ? CLS_SCBERT_FC1 : cfg->hidden;
+    const size_t W2 = cfg->kind == CLS_SCBERT ? cfg->hidden : 1;
+    c->x0 = floats_alloc(B * W0);
+    c->dx0 = floats_alloc(B * W0);
+    c->a1 = floats_alloc(B * W1);
+    c->h1 = floats_alloc(B * W1);
+    c->d1 = floats_alloc(B * W1);
+    c->a2 = floats_alloc(B * W2);
+    c->h2 = floats_alloc(B * W2);
+    c->d2 = floats_alloc(B * W2);
+}
+
+void classifier_free(Classifier *c) {
+    free(c->x0), free(c->dx0), free(c->a1), free(c->h1), free(c->d1), free(c->a2), free(c->h2),
+        free(c->d2);
+    memset(c, 0, sizeof *c);
+}
+
+static void relu(float *out, const float *in, size_t n) {
+    for (size_t i = 0; i < n; i++) out[i] = in[i] > 0.0f ? in[i] : 0.0f;
+}
+
+static void relu_backward(float *d, const float *pre, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if (pre[i] <= 0.0f) d[i] = 0.0f;
+}
+
+void classifier_forward(Classifier *c, const Model *m, const TokenBatch *tb, float *logits) {
+    const size_t B = tb->n_cells, C = c->C, K = c->cfg.n_classes, Hh = c->cfg.hidden;
+    CHECK(B <= c->max_cells, "internal: classifier batch too large");
+    if (c->cfg.kind == CLS_SCBERT) {
+        const size_t T = c->T_cell, F1 = CLS_SCBERT_FC1;
+        for (size_t b = 0; b < B; b++) {
+            CHECK((size_t)(tb->offset[b + 1] - tb->offset[b]) == T,
+                  "internal: scBERT's head needs full-mode cells of %zu positions", T);
+            // Conv2d(1, 1, (1, C)): one dot product per position.
+            gemm(0, 1, T, 1, C, 1.0f, m->hidden + (size_t)tb->offset[b] * C, C, c->w[0], C, 0.0f,
+                 c->x0 + b * T, 1);
+            for (size_t t = 0; t < T; t++) c->x0[b * T + t] += c->w[1][0];
+        }
+        relu(c->dx0, c->x0, B * T); // dx0 holds the ReLU output until backward
+        linear_forward(c->a1, c->dx0, c->w[2], c->w[3], B, T, F1);
+        relu(c->h1, c->a1, B * F1);
+        linear_forward(c->a2, c->h1, c->w[4], c->w[5], B, F1, Hh);
+        relu(c->h2, c->a2, B * Hh);
+        linear_forward(logits, c->h2, c->w[6], c->w[7], B, Hh, K);
+    } else {
+        for (size_t b = 0; b < B; b++) {
+            size_t t0 = (size_t)tb->offset[b], t1 = (size_t)tb->offset[b + 1];
+            float *p = c->x0 + b * C;
+            if (!c->cfg.pool_mean) {
+                memcpy(p, m->hidden + (t1 - 1) * C, C * sizeof *p);
+                continue;
+            }
+            memset(p, 0, C * sizeof *p);
+            for (size_t t = t0; t < t1; t++)
+                for (size_t k = 0; k < C; k++) p[k] += m->hidden[t * C + k];
+            for (size_t k = 0; k < C; k++) p[k] /= (float)(t1 - t0);
+        }
+        linear_forward(c->a1, c->x0, c->w[0], c->w[1], B, C, Hh);
+        relu(c->h1, c->a1, B * Hh);
+        linear_forward(logits, c->h1, c->w[2], c->w[3], B, Hh, K);
+    }
+}
+
+void classifier_backward(Classifier *c, Model *m, const TokenBatch *tb, const float *dlogits,
+                         float *dhidden) {
+    const size_t B = tb->n_cells, C = c->C, K = c->cfg.n_classes, Hh = c->cfg.hidden;
+    memset(dhidden, 0, tb->n_tokens * C * sizeof *dhidden);
+    if (c->cfg.kind == CLS_SCBERT) {
+        const size_t T = c->T_cell, F1 = CLS_SCBERT_FC1;
+        linear_backward(c->d2, c->dw[6], c->dw[7], dlogits, c->h2, c->w[6], B, Hh, K);
+        relu_backward(c->d2, c->a2, B * Hh);
+        linear_backward(c->d1, c->dw[4], c->dw[5], c->d2, c->h1, c->w[4], B, F1, Hh);
+        relu_backward(c->d1, c->a1, B * F1);
+        // dx0 holds relu(x0) from forward: the fc1 input.
+        linear_backward(NULL, c->dw[2], c->dw[3], c->d1, c->dx0, c->w[2], B, T, F1);
+        gemm(0, 0, B, T, F1, 1.0f, c->d1, F1, c->w[2], T, 0.0f, c->dx0, T);
+        relu_backward(c->dx0, c->x0, B * T);
+        for (size_t b = 0; b < B; b++) {
+            const float *ds = c->dx0 + b * T;
+            const float *h = m->hidden + (size_t)tb->offset[b] * C;
+            float *dh = dhidden + (size_t)tb->offset[b] * C;
+            // conv weight (1, C): Σ_t ds_t h_t; bias Σ_t ds_t; dh_t = ds_t w.
+            gemm(1, 0, 1, C, T, 1.0f, ds, 1, h, C, 1.0f, c->dw[0], C);
+            double sb = 0.0;
+            for (size_t t = 0; t < T; t++) sb += ds[t];
+            c->dw[1][0] += (float)sb;
+            gemm(0, 0, T, C, 1, 1.0f, ds, 1, c->w[0], C, 0.0f, dh, C);
+        }
+    } else {
+        linear_backward(c->d1, c->dw[2], c->dw[3], dlogits, c->h1, c->w[2], B, Hh, K);
+        relu_backward(c->d1, c->a1, B * Hh);
+        linear_backward(c->dx0, c->dw[0], c->dw[1], c->d1, c->x0, c->w[0], B, C, Hh);
+        for (size_t b = 0; b < B; b++) {
+            size_t t0 = (size_t)tb->offset[b], t1 = (size_t)tb->offset[b + 1];
+            const float *d = c->dx0 + b * C;
+            if (!c->cfg.pool_mean) {
+                memcpy(dhidden + (t1 - 1) * C, d, C * sizeof *d);
+                continue;
+            }
+            float inv = 1.0f / (float)(t1 - t0);
+            for (size_t t = t0; t < t1; t++)
+                for (size_t k = 0; k < C; k++) dhidden[t * C + k] = d[k] * inv;
+        }
+    }
+}
+
+double classifier_loss(float *dlogits, const float *logits, const int32_t *label, size_t B,
+                       size_t K, const double *class_weight, double norm, int64_t *correct) {
+    double total = 0.0;
+    if (dlogits) memset(dlogits, 0, B * K * sizeof *dlogits);
+    for (size_t b = 0; b < B; b++) {
+        int y = label[b];
+        if (y < 0 || (size_t)y >= K) continue;
+        const float *z = logits + b * K;
+        size_t am = 0;
+        double mx = z[0];
+        for (size_t j = 1; j < K; j++)
+            if (z[j] > mx) {
+                mx = z[j];
+                am = j;
+            }
+        double s = 0.0;
+        for (size_t j = 0; j < K; j++) s += exp((double)z[j] - mx);
+        double lse = mx + log(s);
+        double w = class_weight ? class_weight[y] : 1.0;
+        total += w * (lse - (double)z[y]);
+        if (correct) *correct += am == (size_t)y;
+        if (dlogits)
+            for (size_t j = 0; j < K; j++)
+                dlogits[b * K + j] = (float)(w * (exp((double)z[j] - lse) - (j == (size_t)y)) / norm);
+    }
+    return total / norm;
+}
+
+void classifier_softmax(float *p, size_t B, size_t K) {
+    for (size_t b = 0; b < B; b++) {
+        float *z = p + b * K;
+        double mx = z[0], s = 0.0;
+        for (size_t j = 1; j < K; j++)
+            if (z[j] > mx) mx = z[j];
+        for (size_t j = 0; j < K; j++) s += exp((double)z[j] - mx);
+        for (size_t j = 0; j < K; j++) z[j] = (float)(exp((double)z[j] - mx) / s);
+    }
+}

@@ -1,0 +1,506 @@
+// CellLM divide-and-conquer contrastive learning (see contrastive.h).
+#include "perfcell/contrastive.h"
+
+#include "perfcell/error.h"
+#include "perfcell/layers.h"
+#include "perfcell/linalg.h"
+#include "perfcell/log.h"
+#include "perfcell/tokens.h"
+#include "perfcell/train.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+void contrastive_config(const Config *c, ContrastiveConfig *o) {
+    memset(o, 0, sizeof *o);
+    o->weight = config_float(c, "contrastive.weight");
+    o->temperature = config_float(c, "contrastive.temperature");
+    o->symmetric = config_bool(c, "contrastive.symmetric");
+    o->pool_mean = strcmp(config_str(c, "contrastive.pooling"), "mean") == 0;
+    o->proj_dim = (size_t)config_int(c, "contrastive.proj_dim");
+    o->proj_hidden = (size_t)config_int(c, "contrastive.proj_hidden");
+    o->sub_batch = (size_t)config_int(c, "contrastive.sub_batch");
+    o->dropout = config_float(c, "contrastive.dropout");
+    o->label_weight = config_float(c, "contrastive.label_weight");
+}
+
+void contrastive_head_add(ParamTable *t, const ModelConfig *mc, const ContrastiveConfig *cc) {
+    const size_t C = mc->dim, Hh = cc->proj_hidden, D = cc->proj_dim;
+    const float u0 = 1.0f / sqrtf((float)C), u2 = 1.0f / sqrtf((float)Hh);
+    param_table_add(t, "contrastive.proj.0.weight", 2, Hh, C, 1, 1, INIT_UNIFORM, u0);
+    param_table_add(t, "contrastive.proj.0.bias", 1, Hh, 0, 1, 0, INIT_UNIFORM, u0);
+    param_table_add(t, "contrastive.proj.2.weight", 2, D, Hh, 1, 1, INIT_UNIFORM, u2);
+    param_table_add(t, "contrastive.proj.2.bias", 1, D, 0, 1, 0, INIT_UNIFORM, u2);
+    if (cc->label_weight > 0 && cc->n_labels > 0) {
+        param_table_add(t, "contrastive.label_head.weight", 2, cc->n_labels, C, 1, 1, INIT_UNIFORM, u0);
+        param_table_add(t, "contrastive.label_head.bias", 1, cc->n_labels, 0, 1, 0, INIT_UNIFORM, u0);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The loss on the coordinator
+
+// One direction: rows of x against all of y. Adds the loss sum and, when
+// given, gx += (P - I) y / (N tau) and gy += (P - I)ᵀ x / (N tau), scaled by
+// `scale`. Rows are processed in blocks so memory is O(block x N).
+static double infonce_dir(const float *x, const float *y, size_t N, size_t D, double tau, float *gx,
+                          float *gy, float scale, double *pos, double *all) {
+    size_t blk = (size_t)1 << 22;
+    blk = N ? blk / N : 1;
+    if (blk < 1) blk = 1;
+    if (blk > N) blk = N;
+    float *S = floats_alloc(blk * N);
+    double loss = 0.0;
+    const float g = (float)(scale / ((double)N * tau));
+    for (size_t i0 = 0; i0 < N; i0 += blk) {
+        size_t rows = N - i0 < blk ? N - i0 : blk;
+        gemm(0, 1, rows, N, D, (float)(1.0 / tau), x + i0 * D, D, y, D, 0.0f, S, N);
+        for (size_t r = 0; r < rows; r++) {
+            float *s = S + r * N;
+            size_t i = i0 + r;
+            double mx = s[0];
+            for (size_t j = 1; j < N; j++)
+                if (s[j] > mx) mx = s[j];
+            double sum = 0.0, tot = 0.0;
+            for (size_t j = 0; j < N; j++) {
+                sum += exp((double)s[j] - mx);
+                tot += s[j];
+            }
+            double lse = mx + log(sum);
+            loss += lse - (double)s[i];
+            if (pos) *pos += (double)s[i] * tau;
+            if (all) *all += tot * tau;
+            // s becomes (P - I) scaled for the gradient products.
+            for (size_t j = 0; j < N; j++) s[j] = (float)exp((double)s[j] - lse) * g;
+            s[i] -= g;
+        }
+        if (gx) gemm(0, 0, rows, D, N, 1.0f, S, N, y, D, 1.0f, gx + i0 * D, D);
+        if (gy) gemm(1, 0, N, D, rows, 1.0f, S, N, x + i0 * D, D, 1.0f, gy, D);
+    }
+    free(S);
+    return loss / (double)N;
+}
+
+double contrastive_loss(const float *a, const float *b, size_t N, size_t D, double tau,
+                        int symmetric, float *ga, float *gb, double *pos_sim, double *neg_sim) {
+    if (ga) memset(ga, 0, N * D * sizeof *ga);
+    if (gb) memset(gb, 0, N * D * sizeof *gb);
+    if (N == 0) return 0.0;
+    double pos = 0.0, all = 0.0;
+    float scale = symmetric ? 0.5f : 1.0f;
+    double loss = infonce_dir(a, b, N, D, tau, ga, gb, scale, &pos, &all);
+    if (symmetric) loss = 0.5 * (loss + infonce_dir(b, a, N, D, tau, gb, ga, scale, NULL, NULL));
+    if (pos_sim) *pos_sim = pos / (double)N;
+    if (neg_sim) *neg_sim = N > 1 ? (all - pos) / ((double)N * (double)(N - 1)) : 0.0;
+    return loss;
+}
+
+// ---------------------------------------------------------------------------
+// Pooling and projection of one sub-batch
+
+typedef struct {
+    const float *w0, *b0, *w2, *b2, *wl, *bl;
+    float *dw0, *db0, *dw2, *db2, *dwl, *dbl;
+} HeadParams;
+
+static HeadParams head_params(Model *m) {
+    HeadParams h;
+    memset(&h, 0, sizeof h);
+#define P(field, dfield, name)                                                                     \
+    do {                                                                                           \
+        const ParamEntry *e = param_table_find(&m->table, name);                                   \
+        if (e) {                                                                                   \
+            h.field = m->params + e->offset;                                                       \
+            h.dfield = m->grads + e->offset;                                                       \
+        }                                                                                          \
+    } while (0)
+    P(w0, dw0, "contrastive.proj.0.weight");
+    P(b0, db0, "contrastive.proj.0.bias");
+    P(w2, dw2, "contrastive.proj.2.weight");
+    P(b2, db2, "contrastive.proj.2.bias");
+    P(wl, dwl, "contrastive.label_head.weight");
+    P(bl, dbl, "contrastive.label_head.bias");
+#undef P
+    CHECK(h.w0 && h.w2, "internal: contrastive head missing from the parameter table");
+    return h;
+}
+
+static void pool_forward(float *pooled, const float *hidden, const TokenBatch *tb, size_t C, int mean) {
+    for (size_t b = 0; b < tb->n_cells; b++) {
+        size_t t0 = (size_t)tb->offset[b], t1 = (size_t)tb->offset[b + 1];
+        float *p = pooled + b * C;
+        if (!mean) {
+            memcpy(p, hidden + (t1 - 1) * C, C * sizeof *p);
+            continue;
+        }
+        memset(p, 0, C * sizeof *p);
+        for (size_t t = t0; t < t1; t++)
+            for (size_t c = 0; c < C; c++) p[c] += hidden[t * C + c];
+        float inv = 1.0f / (float)(t1 - t0);
+        for (size_t c = 0; c < C; c++) p[c] *= inv;
+    }
+}
+
+// dhidden += the pooling's backward of dpooled.
+static void pool_backward(float *dhidden, const float *dpooled, const TokenBatch *tb, size_t C, int mean) {
+    for (size_t b = 0; b < tb->n_cells; b++) {
+        size_t t0 = (size_t)tb->offset[b], t1 = (size_t)tb->offset[b + 1];
+        const float *d = dpooled + b * C;
+        if (!mean) {
+            float *h = dhidden + (t1 - 1) * C;
+            for (size_t c = 0; c < C; c++) h[c] += d[c];
+            continue;
+        }
+        float inv = 1.0f / (float)(t1 - t0);
+        for (size_t t = t0; t < t1; t++)
+            for (size_t c = 0; c < C; c++) dhidden[t * C + c] += d[c] * inv;
+    }
+}
+
+// pooled -> pre -> relu -> zraw -> z (unit rows).
+static void proj_forward(Contrastive *c, const HeadParams *h, size_t B, size_t C) {
+    const size_t Hh = c->cfg.proj_hidden, D = c->cfg.proj_dim;
+    linear_forward(c->pre, c->pooled, h->w0, h->b0, B, C, Hh);
+    for (size_t i = 0; i < B * Hh; i++) c->hid[i] = c->pre[i] > 0.0f ? c->pre[i] : 0.0f;
+    linear_forward(c->zraw, c->hid, h->w2, h->b2, B, Hh, D);
+    for (size_t b = 0; b < B; b++) {
+        double n = 0.0;
+        for (size_t j = 0; j < D; j++) n += (double)c->zraw[b * D + j] * c->zraw[b * D + j];
+        float inv = (float)(1.0 / (sqrt(n) + 1e-12));
+        for (size_t j = 0; j < D; j++) c->z[b * D + j] = c->zraw[b * D + j] * inv;
+    }
+}
+
+// From dz (B, D) to dpooled (B, C) (overwritten), accumulating head grads.
+static void proj_backward(Contrastive *c, const HeadParams *h, size_t B, size_t C) {
+    const size_t Hh = c->cfg.proj_hidden, D = c->cfg.proj_dim;
+    // Through the normalisation: (g - z (z·g)) / |zraw|, in place in dz.
+    for (size_t b = 0; b < B; b++) {
+        float *g = c->dz + b * D;
+        const float *z = c->z + b * D, *r = c->zraw + b * D;
+        double zg = 0.0, n = 0.0;
+        for (size_t j = 0; j < D; j++) {
+            zg += (double)z[j] * g[j];
+            n += (double)r[j] * r[j];
+        }
+        float inv = (float)(1.0 / (sqrt(n) + 1e-12));
+        for (size_t j = 0; j < D; j++) g[j] = (g[j] - z[j] * (float)zg) * inv;
+    }
+    linear_backward(c->dpre, h->dw2, h->db2, c->dz, c->hid, h->w2, B, Hh, D);
+    for (size_t i = 0; i < B * Hh; i++)
+        if (c->pre[i] <= 0.0f) c->dpre[i] = 0.0f;
+    linear_backward(c->dpooled, h->dw0, h->db0, c->dpre, c->pooled, h->w0, B, C, Hh);
+}
+
+// ---------------------------------------------------------------------------
+// Set-up
+
+void contrastive_init(Contrastive *c, const Model *m, const ContrastiveConfig *cfg, size_t cap_cells,
+                      size_t cap_global, MPI_Comm comm) {
+    memset(c, 0, sizeof *c);
+    c->cfg = *cfg;
+    c->comm = comm;
+    CHECK_MPI(MPI_Comm_rank(comm, &c->rank));
+    CHECK_MPI(MPI_Comm_size(comm, &c->size));
+    const size_t D = cfg->proj_dim, Hh = cfg->proj_hidden, C = m->cfg.dim;
+    const size_t V = (size_t)m->cfg.bins + 2;
+    c->cap_cells = cap_cells;
+    c->cap_global = cap_global;
+    c->za = floats_alloc(cap_cells * D);
+    c->zb = floats_alloc(cap_cells * D);
+    c->ga = floats_alloc(cap_cells * D);
+    c->gb = floats_alloc(cap_cells * D);
+    if (c->rank == 0) {
+        c->all_a = floats_alloc(cap_global * D);
+        c->all_b = floats_alloc(cap_global * D);
+        c->all_ga = floats_alloc(cap_global * D);
+        c->all_gb = floats_alloc(cap_global * D);
+    }
+    c->counts = xcalloc((size_t)c->size, sizeof *c->counts);
+    c->displs = xcalloc((size_t)c->size, sizeof *c->displs);
+    c->sub_cap_cells = m->max_cells;
+    c->sub_cap_tokens = m->max_tokens;
+    const size_t B = m->max_cells, T = m->max_tokens;
+    size_t L = cfg->n_labels > 0 ? cfg->n_labels : 1;
+    tokenbatch_init(&c->sub);
+    c->pooled = floats_alloc(B * C);
+    c->pre = floats_alloc(B * Hh);
+    c->hid = floats_alloc(B * Hh);
+    c->zraw = floats_alloc(B * D);
+    c->z = floats_alloc(B * D);
+    c->dz = floats_alloc(B * D);
+    c->dpooled = floats_alloc(B * C);
+    c->dpre = floats_alloc(B * Hh);
+    c->logits = floats_alloc(T * (V > L ? V : L));
+    c->dlogits = floats_alloc(T * (V > L ? V : L));
+    c->dhidden = floats_alloc(T * C);
+}
+
+void contrastive_free(Contrastive *c) {
+    free(c->za), free(c->zb), free(c->ga), free(c->gb);
+    free(c->all_a), free(c->all_b), free(c->all_ga), free(c->all_gb);
+    free(c->counts), free(c->displs);
+    tokenbatch_free(&c->sub);
+    free(c->pooled), free(c->pre), free(c->hid), free(c->zraw), free(c->z);
+    free(c->dz), free(c->dpooled), free(c->dpre);
+    free(c->logits), free(c->dlogits), free(c->dhidden);
+    memset(c, 0, sizeof *c);
+}
+
+void contrastive_encode(Contrastive *c, Model *m, const TokenBatch *tb, const PassCtx *ctx, float *z) {
+    HeadParams h = head_params(m);
+    model_forward(m, tb, ctx);
+    pool_forward(c->pooled, m->hidden, tb, m->cfg.dim, c->cfg.pool_mean);
+    proj_forward(c, &h, tb->n_cells, m->cfg.dim);
+    if (z) memcpy(z, c->z, tb->n_cells * c->cfg.proj_dim * sizeof *z);
+}
+
+// ---------------------------------------------------------------------------
+// Sub-batches over the cells of several micro-batches
+
+// Cells [c0, c1) of the concatenation of mbs, copied into c->sub.
+static void build_sub(Contrastive *c, const TokenBatch *mbs, size_t n_mb, size_t c0, size_t c1) {
+    TokenBatch *s = &c->sub;
+    size_t n = c1 - c0, tokens = 0, k = 0;
+    // Find the cells and count tokens.
+    for (size_t pass = 0; pass < 2; pass++) {
+        size_t idx = 0, out = 0, t = 0;
+        for (size_t mb = 0; mb < n_mb; mb++) {
+            const TokenBatch *tb = &mbs[mb];
+            for (size_t b = 0; b < tb->n_cells; b++, idx++) {
+                if (idx < c0 || idx >= c1) continue;
+                size_t a0 = (size_t)tb->offset[b], len = (size_t)tb->offset[b + 1] - a0;
+                if (pass == 0) {
+                    tokens += len;
+                    continue;
+                }
+                s->offset[out] = (int64_t)t;
+                s->cell_id[out] = tb->cell_id[b];
+                s->label[out] = tb->label[b];
+                memcpy(s->token + t, tb->token + a0, len * sizeof *s->token);
+                memcpy(s->gene + t, tb->gene + a0, len * sizeof *s->gene);
+                memcpy(s->target + t, tb->target + a0, len * sizeof *s->target);
+                t += len;
+                out++;
+            }
+        }
+        if (pass == 0) {
+            tokenbatch_reserve(s, n, tokens);
+        } else {
+            s->offset[out] = (int64_t)t;
+            k = out;
+        }
+    }
+    s->n_cells = k;
+    s->n_tokens = tokens;
+    CHECK(k == n && s->n_cells <= c->sub_cap_cells && s->n_tokens <= c->sub_cap_tokens,
+          "internal: contrastive sub-batch of %zu cells / %zu tokens exceeds the arena", k, tokens);
+}
+
+double contrastive_step_keys(Contrastive *c, Model *m, const TokenBatch *mbs, size_t n_mb,
+                             uint64_t seed, int64_t step, double mlm_weight, double n_norm,
+                             MlmStats *st) {
+    const size_t D = c->cfg.proj_dim, C = m->cfg.dim, V = (size_t)m->cfg.bins + 2;
+    HeadParams h = head_params(m);
+    size_t n_local = 0, labelled = 0;
+    for (size_t i = 0; i < n_mb; i++) {
+        n_local += mbs[i].n_cells;
+        for (size_t b = 0; b < mbs[i].n_cells; b++) labelled += mbs[i].label[b] >= 0;
+    }
+    CHECK(n_local <= c->cap_cells, "internal: %zu local cells exceed the contrastive buffers (%zu)",
+          n_local, c->cap_cells);
+    size_t sub = c->cfg.sub_batch ? c->cfg.sub_batch : (n_mb ? mbs[0].n_cells : 1);
+    if (sub == 0) sub = 1;
+    if (sub > c->sub_cap_cells) sub = c->sub_cap_cells;
+
+    // Pass 1: z of both views, no activations kept.
+    for (size_t c0 = 0; c0 < n_local; c0 += sub) {
+        size_t c1 = c0 + sub < n_local ? c0 + sub : n_local;
+        build_sub(c, mbs, n_mb, c0, c1);
+        for (int view = 0; view < 2; view++) {
+            PassCtx ctx = {seed, step, view, 1};
+            contrastive_encode(c, m, &c->sub, &ctx, (view ? c->zb : c->za) + c0 * D);
+        }
+    }
+
+    // The coordinator's loss over the global batch.
+    int n_me = (int)(n_local * D);
+    CHECK_MPI(MPI_Allgather(&n_me, 1, MPI_INT, c->counts, 1, MPI_INT, c->comm));
+    int64_t total = 0;
+    for (int r = 0; r < c->size; r++) {
+        c->displs[r] = (int)total;
+        total += c->counts[r];
+    }
+    size_t N = (size_t)total / D;
+    CHECK(N <= c->cap_global, "internal: %zu cells in the global batch exceed the pool (%zu)", N,
+          c->cap_global);
+    CHECK_MPI(MPI_Gatherv(c->za, n_me, MPI_FLOAT, c->all_a, c->counts, c->displs, MPI_FLOAT, 0, c->comm));
+    CHECK_MPI(MPI_Gatherv(c->zb, n_me, MPI_FLOAT, c->all_b, c->counts, c->displs, MPI_FLOAT, 0, c->comm));
+    double stats[3] = {0, 0, 0};
+    if (c->rank == 0) {
+        stats[0] = contrastive_loss(c->all_a, c->all_b, N, D, c->cfg.temperature, c->cfg.symmetric,
+                                    c->all_ga, c->all_gb, &stats[1], &stats[2]);
+        float w = (float)c->cfg.weight;
+        for (size_t i = 0; i < N * D; i++) {
+            c->all_ga[i] *= w;
+            c->all_gb[i] *= w;
+        }
+    }
+    CHECK_MPI(MPI_Scatterv(c->all_ga, c->counts, c->displs, MPI_FLOAT, c->ga, n_me, MPI_FLOAT, 0, c->comm));
+    CHECK_MPI(MPI_Scatterv(c->all_gb, c->counts, c->displs, MPI_FLOAT, c->gb, n_me, MPI_FLOAT, 0, c->comm));
+    CHECK_MPI(MPI_Bcast(stats, 3, MPI_DOUBLE, 0, c->comm));
+    c->loss = stats[0];
+    c->pos_sim = stats[1];
+    c->neg_sim = stats[2];
+
+    // Supervised discrimination: normalised by the global labelled count.
+    int64_t lab_local = (int64_t)labelled, lab_global = 0;
+    int use_labels = c->cfg.label_weight > 0 && h.wl;
+    if (use_labels)
+        CHECK_MPI(MPI_Allreduce(&lab_local, &lab_global, 1, MPI_INT64_T, MPI_SUM, c->comm));
+    double label_loss = 0.0;
+
+    // Pass 2: re-encode with activations and back-propagate.
+    for (size_t c0 = 0; c0 < n_local; c0 += sub) {
+        size_t c1 = c0 + sub < n_local ? c0 + sub : n_local;
+        build_sub(c, mbs, n_mb, c0, c1);
+        const TokenBatch *tb = &c->sub;
+        const size_t B = tb->n_cells, T = tb->n_tokens;
+        for (int view = 0; view < 2; view++) {
+            PassCtx ctx = {seed, step, view, 1};
+            contrastive_encode(c, m, tb, &ctx, NULL);
+            const float *z1 = (view ? c->zb : c->za) + c0 * D;
+            if (memcmp(z1, c->z, B * D * sizeof(float)) != 0) c->z_mismatch++;
+            memset(c->dhidden, 0, T * C * sizeof(float));
+            if (view == 0 && mlm_weight > 0) {
+                const ParamEntry *ew = param_table_find(&m->table, "to_out.weight");
+                const ParamEntry *eb = param_table_find(&m->table, "to_out.bias");
+                mlm_logits(c->logits, m->hidden, m->params + ew->offset, m->params + eb->offset, T, C, V);
+                mlm_loss(c->dlogits, c->logits, tb->target, T, V, n_norm, st);
+                if (mlm_weight != 1.0)
+                    for (size_t j = 0; j < T * V; j++) c->dlogits[j] *= (float)mlm_weight;
+                mlm_backward(c->dhidden, m->grads + ew->offset, m->grads + eb->offset, c->dlogits,
+                             m->hidden, m->params + ew->offset, T, C, V);
+            }
+            memcpy(c->dz, (view ? c->gb : c->ga) + c0 * D, B * D * sizeof(float));
+            proj_backward(c, &h, B, C);
+            if (view == 0 && use_labels && lab_global > 0) {
+                // Linear head on the pooled state; dpooled gets its gradient too.
+                size_t L = c->cfg.n_labels;
+                linear_forward(c->logits, c->pooled, h.wl, h.bl, B, C, L);
+                memset(c->dlogits, 0, B * L * sizeof(float));
+                double lw = c->cfg.label_weight / (double)lab_global;
+                for (size_t b = 0; b < B; b++) {
+                    int y = tb->label[b];
+                    if (y < 0 || (size_t)y >= L) continue;
+                    const float *zl = c->logits + b * L;
+                    double mx = zl[0], s = 0;
+                    for (size_t j = 1; j < L; j++) mx = zl[j] > mx ? zl[j] : mx;
+                    for (size_t j = 0; j < L; j++) s += exp((double)zl[j] - mx);
+                    double lse = mx + log(s);
+                    label_loss += (lse - zl[y]) / (double)lab_global;
+                    for (size_t j = 0; j < L; j++)
+                        c->dlogits[b * L + j] = (float)((exp((double)zl[j] - lse) - (j == (size_t)y)) * lw);
+                }
+                linear_backward(NULL, h.dwl, h.dbl, c->dlogits, c->pooled, h.wl, B, C, L);
+                gemm(0, 0, B, C, L, 1.0f, c->dlogits, L, h.wl, C, 1.0f, c->dpooled, C);
+            }
+            pool_backward(c->dhidden, c->dpooled, tb, C, c->cfg.pool_mean);
+            model_backward(m, tb, &ctx, c->dhidden);
+        }
+    }
+    if (use_labels) {
+        double g = 0;
+        CHECK_MPI(MPI_Allreduce(&label_loss, &g, 1, MPI_DOUBLE, MPI_SUM, c->comm));
+        c->label_loss = g;
+    }
+    return c->loss;
+}
+
+double contrastive_step(Contrastive *c, Model *m, const TokenBatch *mbs, size_t n_mb,
+                        struct Trainer_ *t, double mlm_weight, double n_norm, MlmStats *st) {
+    return contrastive_step_keys(c, m, mbs, n_mb, t->seed, t->step, mlm_weight, n_norm, st);
+}
+
+// ---------------------------------------------------------------------------
+// Validation
+
+typedef struct {
+    Contrastive *c;
+    Model *m;
+    const ModelConfig *mc;
+    TokenBatch *tb;
+    uint64_t seed;
+    size_t n, cap;
+    float *za, *zb;
+} ValZ;
+
+static int val_collect(const CellBatch *cb, void *p) {
+    ValZ *v = p;
+    tokens_from_cells(v->tb, cb, v->mc, v->seed, 0x7fffffff);
+    size_t B = v->tb->n_cells, D = v->c->cfg.proj_dim;
+    if (v->n + B > v->cap) {
+        v->cap = (v->n + B) * 2;
+        v->za = xrealloc(v->za, v->cap * D * sizeof(float));
+        v->zb = xrealloc(v->zb, v->cap * D * sizeof(float));
+    }
+    for (int view = 0; view < 2; view++) {
+        PassCtx ctx = {v->seed, 0x7fffffff, view, 1};
+        contrastive_encode(v->c, v->m, v->tb, &ctx, (view ? v->zb : v->za) + v->n * D);
+    }
+    v->n += B;
+    return 0;
+}
+
+void contrastive_validate(Contrastive *c, struct Trainer_ *t, const ModelConfig *mc, TokenBatch *tb) {
+    const size_t D = c->cfg.proj_dim;
+    size_t want = (size_t)config_int(t->cfg, "run.val_cells");
+    if (want == 0 || want > 1024) want = 1024; // the pool statistics need no more
+    size_t per_rank = (want + (size_t)t->size - 1) / (size_t)t->size;
+    ValZ v = {c, &t->model, mc, tb, t->seed, 0, 0, NULL, NULL};
+    int ok = stream_for_each_validation(t->stream, c->sub_cap_cells, per_rank, val_collect, &v) == 0;
+    int all_ok = 0;
+    CHECK_MPI(MPI_Allreduce(&ok, &all_ok, 1, MPI_INT, MPI_MIN, c->comm));
+    if (!all_ok) DIE("contrastive validation failed: %s", ok ? "on another rank" : error_last());
+    int n_me = (int)(v.n * D);
+    int *counts = xcalloc((size_t)c->size, sizeof *counts), *displs = xcalloc((size_t)c->size, sizeof *displs);
+    CHECK_MPI(MPI_Allgather(&n_me, 1, MPI_INT, counts, 1, MPI_INT, c->comm));
+    int64_t total = 0;
+    for (int r = 0; r < c->size; r++) {
+        displs[r] = (int)total;
+        total += counts[r];
+    }
+    size_t N = (size_t)total / D;
+    float *A = NULL, *B = NULL;
+    if (c->rank == 0) {
+        A = floats_alloc((size_t)total ? (size_t)total : 1);
+        B = floats_alloc((size_t)total ? (size_t)total : 1);
+    }
+    CHECK_MPI(MPI_Gatherv(v.za, n_me, MPI_FLOAT, A, counts, displs, MPI_FLOAT, 0, c->comm));
+    CHECK_MPI(MPI_Gatherv(v.zb, n_me, MPI_FLOAT, B, counts, displs, MPI_FLOAT, 0, c->comm));
+    if (c->rank == 0 && N > 1) {
+        double pos = 0, neg = 0;
+        double loss = contrastive_loss(A, B, N, D, c->cfg.temperature, c->cfg.symmetric, NULL, NULL,
+                                       &pos, &neg);
+        // Alignment E|a - b|² = 2 - 2 E a·b for unit vectors; uniformity
+        // log E_{i<j} exp(-2 |a_i - a_j|²) over view a.
+        double align = 2.0 - 2.0 * pos, u = 0.0;
+        float *gram = floats_alloc(N * N);
+        gemm(0, 1, N, N, D, 1.0f, A, D, A, D, 0.0f, gram, N);
+        for (size_t i = 0; i < N; i++)
+            for (size_t j = i + 1; j < N; j++) u += exp(-2.0 * (2.0 - 2.0 * (double)gram[i * N + j]));
+        free(gram);
+        double unif = log(u / ((double)N * (double)(N - 1) / 2.0));
+        log_info("contrastive validation (%zu cells): loss %.4f, positive sim %.4f, negative sim %.4f, "
+                 "alignment %.4f, uniformity %.4f",
+                 N, loss, pos, neg, align, unif);
+        char js[256];
+        snprintf(js, sizeof js,
+                 "\"val_contrastive_loss\":%.6f,\"val_pos_sim\":%.6f,\"val_neg_sim\":%.6f,"
+                 "\"val_alignment\":%.6f,\"val_uniformity\":%.6f",
+                 loss, pos, neg, align, unif);
+        trainer_metrics_write(t, js);
+    }
+    free(A), free(B), free(counts), free(displs), free(v.za), free(v.zb);
+}
