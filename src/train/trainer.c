@@ -16,6 +16,9 @@
 #include <time.h>
 #include <unistd.h>
 
+// In this file `ok = !error_set(...)` records the message and clears ok
+// (error_set returns -1).
+
 // ---------------------------------------------------------------------------
 // Agreement: an error that some ranks may see and others not (a file missing
 // on one node) must end every rank, not leave the others waiting in a
@@ -35,7 +38,7 @@ static void agree(int ok, const char *hint) {
             fprintf(stderr, "[rank %d] error: %s\n", rank, error_last());
         else
             fprintf(stderr, "error: %s\n", error_last());
-        const char *h = hint ? hint : error_last_hint();
+        const char *h = error_last_hint() ? error_last_hint() : hint;
         if (h) fprintf(stderr, "  HINT: %s\n", h);
         fflush(stderr);
     }
@@ -143,7 +146,7 @@ void trainer_config(Trainer *t, const TrainArgs *a, const ConfigKey *schema, siz
 void trainer_open_data(Trainer *t) {
     const char *folder = config_str(t->cfg, "data.shards");
     int ok = 1;
-    if (!folder[0]) ok = error_set("%s: data.shards is not set", config_path(t->cfg));
+    if (!folder[0]) ok = !error_set("%s: data.shards is not set", config_path(t->cfg));
     agree(ok, "set data.shards to a folder made by `perfcell-shard build`, in the config or as "
               "data.shards=PATH");
     ok = manifest_load(&t->manifest, folder) == 0;
@@ -158,9 +161,9 @@ void trainer_open_data(Trainer *t) {
             char a[17], b[17];
             vocab_hash_format(t->vocab_hash, a);
             vocab_hash_format(t->manifest.vocab_hash, b);
-            ok = error_set("%s has hash %s but the shards were built with vocabulary %s", vpath, a, b);
+            ok = !error_set("%s has hash %s but the shards were built with vocabulary %s", vpath, a, b);
         } else if ((int64_t)v.n != t->manifest.n_genes) {
-            ok = error_set("%s has %zu genes, the manifest says %lld", vpath, v.n,
+            ok = !error_set("%s has %zu genes, the manifest says %lld", vpath, v.n,
                            (long long)t->manifest.n_genes);
         }
     }
@@ -231,7 +234,7 @@ void trainer_load_gene2vec(Trainer *t) {
     vocab_init(&v);
     int ok = vocab_load(&v, vpath) == 0;
     FILE *f = ok ? fopen(path, "r") : NULL;
-    if (ok && !f) ok = error_set("cannot open gene2vec file '%s': %s", path, strerror(errno));
+    if (ok && !f) ok = !error_set("cannot open gene2vec file '%s': %s", path, strerror(errno));
     size_t matched = 0, lines = 0;
     char *line = NULL;
     size_t cap = 0;
@@ -247,7 +250,7 @@ void trainer_load_gene2vec(Trainer *t) {
             char *end;
             double x = strtod(tok, &end);
             if (*end || !isfinite(x)) {
-                ok = error_set("%s:%zu: '%s' is not a number", path, lines, tok);
+                ok = !error_set("%s:%zu: '%s' is not a number", path, lines, tok);
                 break;
             }
             if (k < C) row[k] = (float)x;
@@ -256,7 +259,7 @@ void trainer_load_gene2vec(Trainer *t) {
         if (!ok) break;
         if (lines == 1 && k == 1) continue; // word2vec header "N D"
         if (k != C) {
-            ok = error_set("%s:%zu: %zu values for %s, the model's gene embedding has %zu (model.dim)",
+            ok = !error_set("%s:%zu: %zu values for %s, the model's gene embedding has %zu (model.dim)",
                            path, lines, k, sym, C);
             break;
         }
@@ -372,7 +375,7 @@ int trainer_resume(Trainer *t, const char *spec, CkptState *out) {
             // A fresh start must not mix with an earlier run's checkpoints.
             char *latest = path_join(t->ckpt_dir, CKPT_LATEST);
             if (path_exists(latest)) {
-                ok = error_set("%s already holds checkpoints of a run (see %s)", t->ckpt_dir, latest);
+                ok = !error_set("%s already holds checkpoints of a run (see %s)", t->ckpt_dir, latest);
                 error_set_hint("resume it with --resume auto, or choose another run.dir");
             }
             free(latest);
@@ -393,9 +396,9 @@ int trainer_resume(Trainer *t, const char *spec, CkptState *out) {
             vocab_hash_format(s.vocab_hash, a);
             vocab_hash_format(t->vocab_hash, b);
             if (s.vocab_hash != t->vocab_hash)
-                ok = error_set("%s was trained with vocabulary %s, the shards use %s", path, a, b);
+                ok = !error_set("%s was trained with vocabulary %s, the shards use %s", path, a, b);
             else if (strcmp(s.kind, t->kind) != 0)
-                ok = error_set("%s is a %s checkpoint, this is a %s run", path, s.kind, t->kind);
+                ok = !error_set("%s is a %s checkpoint, this is a %s run", path, s.kind, t->kind);
             else if (s.config_ini)
                 ok = compare_configs(t, path, s.config_ini) == 0;
         }
@@ -403,11 +406,11 @@ int trainer_resume(Trainer *t, const char *spec, CkptState *out) {
             size_t missing = 0, unused = 0;
             ok = ckpt_copy_tensors(&s, &t->model.table, t->model.params, &missing, &unused) == 0;
             if (ok && (missing || unused))
-                ok = error_set("%s holds a different model: %zu tensors missing, %zu unexpected", path,
+                ok = !error_set("%s holds a different model: %zu tensors missing, %zu unexpected", path,
                                missing, unused);
             if (ok && (s.depth != t->model.cfg.depth || s.n_features != t->model.cfg.n_features ||
                        s.dim_head != t->model.cfg.dim_head))
-                ok = error_set("%s: random-feature matrices of another shape", path);
+                ok = !error_set("%s: random-feature matrices of another shape", path);
         }
         if (ok && found && s.exp_avg) {
             // Moments by name, like the parameters.
