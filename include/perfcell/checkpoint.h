@@ -23,9 +23,19 @@
 //   /vocab           a scalar string dataset: the vocabulary TSV text
 //   /labels          (optional) 1-D string dataset: label names of a classifier
 //
-// Strings are variable-length UTF-8. Every tensor's crc32 is the CRC-32 (zlib)
-// of its little-endian float32 bytes; the cursor's of its little-endian int64
-// bytes; a string dataset's of its UTF-8 bytes, each string followed by a NUL.
+// String datasets are variable-length UTF-8 (h5py: .asstr()); the string
+// attributes of / are fixed-length UTF-8, so that they sit in the checksummed
+// object header (h5py returns them as bytes). Every tensor's crc32 is the
+// CRC-32 (zlib) of its little-endian float32 bytes; the cursor's of its
+// little-endian int64 bytes; a string dataset's of its UTF-8 bytes, each
+// string followed by a NUL.
+//
+// The reader treats the file as untrusted (it is fuzzed): it accepts the 1.8
+// format only (superblock version >= 2, whose metadata HDF5 verifies by
+// checksum before parsing it), arrays whose sizes add up to no more than the
+// file's size (uncompressed, as written), string datasets stored contiguously
+// (it reads them from the global heap itself, checking every size: HDF5 1.10
+// does not check that heap), and fixed-length string attributes.
 //
 // Every function here is called on rank 0 only unless it says "collective";
 // none is collective. All take the process-wide HDF5 lock (h5_lock()) around
@@ -69,7 +79,9 @@ typedef struct {
     char *vocab_tsv;           // vocabulary text
     char **labels;             // (n_labels) or NULL
     size_t n_labels;
-    CkptScalar *scalars;       // extra named numbers (scheduler, early stopping, ...)
+    CkptScalar *scalars;       // extra named numbers (scheduler, early stopping, ...);
+                               // keys: printable ASCII without spaces or '/', < 64
+                               // bytes, unique, not "redraw_index" or "feature_seed"
     size_t n_scalars;
 } CkptState;
 
@@ -83,7 +95,8 @@ typedef struct {
 // device); on failure the temporary file is removed and the previous
 // checkpoints and `latest` are untouched. Moments are written when exp_avg is
 // set (exp_avg_sq must be too), labels when n_labels > 0; NULL config_ini or
-// vocab_tsv are written as empty text.
+// vocab_tsv are written as empty text. A malformed state (no tensors, a bad
+// name, kind or scalar key, counts without data) is a programming error: DIE.
 int ckpt_write(const char *dir, const CkptState *s, int keep);
 
 // Read a checkpoint file: checks the format, every tensor's shape against its
@@ -106,11 +119,18 @@ int ckpt_verify(const char *path);
 // not the CRCs (ckpt_verify() does). Returns 0 or -1 with error_set().
 int ckpt_summary(const char *path, FILE *out);
 
-// The checkpoint to resume from: `spec` is "auto" (the file `latest` names in
-// dir; if that is missing or does not verify, the newest ckpt-*.h5 that does,
-// with a warning), or a path to a checkpoint file. Returns a malloc'ed path, or
-// NULL with error_set() (auto and no checkpoint: the message says so).
+// The checkpoint to resume from: `spec` is "auto" (or NULL or ""): the file
+// `latest` names in dir; if that is missing, names a missing file or does not
+// verify (full ckpt_read), the newest ckpt-*.h5 that does, with log_warn()
+// saying why and which; or a path to a checkpoint file, returned as is when it
+// exists. Returns a malloc'ed path, or NULL with error_set() (auto and no
+// usable checkpoint: the message says whether there were none or all failed).
 char *ckpt_resolve(const char *dir, const char *spec);
+
+// Whether `dir` holds a `latest` file or any ckpt-*.h5 (usable or not): tells
+// "nothing to resume yet" from "checkpoints exist but none reads back" when
+// ckpt_resolve(dir, "auto") returns NULL.
+int ckpt_any(const char *dir);
 
 // Copy tensors of `src` into `dst_params` (laid out by `dst`) by name: shapes
 // must agree; tensors of dst missing from src are left as they are and listed

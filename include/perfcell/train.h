@@ -46,6 +46,11 @@ typedef struct Trainer_ {
     double train_seconds;  // wall time in the step loop over all sessions
     FILE *metrics;         // rank 0: run_dir/metrics.jsonl
     char kind[16];         // "pretrain" or "finetune"
+    // Runs without a stream (finetune) keep their own data cursor here.
+    int64_t cursor[4];
+    size_t cursor_len;
+    char **labels;         // class names stored with checkpoints (finetune)
+    size_t n_labels;
 } Trainer;
 
 // Parse a training program's command line: --config FILE, key=value overrides,

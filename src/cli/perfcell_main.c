@@ -26,6 +26,7 @@ typedef struct {
 
 static const Command COMMANDS[] = {
     {"pretrain", cmd_pretrain},
+    {"finetune", cmd_finetune},
 };
 
 int main(int argc, char **argv) {

@@ -92,6 +92,8 @@ const ConfigKey TRAIN_SCHEMA[] = {
     {"finetune.class_weights", CFG_BOOL, "false", NOR, NULL, "finetune: weight the loss by inverse class frequency"},
     {"finetune.test_fraction", CFG_FLOAT, "0", 0, 0.9, NULL, "finetune: stratified test share held out entirely"},
     {"finetune.split_seed", CFG_INT, "2021", 0, 4294967295.0, NULL, "finetune: key of the stratified splits"},
+    {"finetune.split_file", CFG_STRING, "", NOR, NULL, "finetune: TSV of cell name and train|val|test (overrides the fractions)"},
+    {"finetune.eval_every", CFG_INT, "0", 0, 1e9, NULL, "finetune: steps between validation passes (0: once per epoch)"},
 };
 // clang-format on
 const size_t TRAIN_SCHEMA_LEN = sizeof TRAIN_SCHEMA / sizeof TRAIN_SCHEMA[0];

@@ -308,6 +308,8 @@ static void fill_state(Trainer *t, CkptState *s, int64_t *cursor, size_t cursor_
     s->cursor_len = cursor_len;
     s->config_ini = t->config_ini;
     s->vocab_tsv = t->vocab_tsv;
+    s->labels = t->labels;
+    s->n_labels = t->n_labels;
     s->scalars = xcalloc(n_extra + 3, sizeof *s->scalars);
     s->scalars[0] = (CkptScalar){"cells_seen", (double)t->cells_seen};
     s->scalars[1] = (CkptScalar){"tokens_seen", (double)t->tokens_seen};
@@ -317,9 +319,12 @@ static void fill_state(Trainer *t, CkptState *s, int64_t *cursor, size_t cursor_
 }
 
 void trainer_checkpoint(Trainer *t, const CkptScalar *extra, size_t n_extra) {
-    size_t len = t->stream ? stream_cursor_len(t->stream) : 0;
+    size_t len = t->stream ? stream_cursor_len(t->stream) : t->cursor_len;
     int64_t *cursor = xcalloc(len ? len : 1, sizeof *cursor);
-    if (t->stream) stream_cursor_get(t->stream, cursor);
+    if (t->stream)
+        stream_cursor_get(t->stream, cursor);
+    else
+        memcpy(cursor, t->cursor, len * sizeof *cursor);
     int ok = 1;
     double t0 = time_now();
     if (t->rank == 0) {
@@ -383,9 +388,11 @@ int trainer_resume(Trainer *t, const char *spec, CkptState *out) {
         } else {
             path = ckpt_resolve(t->ckpt_dir, spec);
             if (!path) {
-                if (strcmp(spec, "auto") == 0) {
+                if (strcmp(spec, "auto") == 0 && !ckpt_any(t->ckpt_dir)) {
                     found = 0; // nothing to resume yet: a fresh start
                 } else {
+                    // Checkpoints exist but none can be read: never restart
+                    // silently from step 0 over them.
                     ok = 0;
                 }
             }
@@ -455,7 +462,15 @@ int trainer_resume(Trainer *t, const char *spec, CkptState *out) {
     if (t->rank == 0 && cl) memcpy(cursor, s.cursor, cl * sizeof *cursor);
     bcast_bytes(cursor, cl * sizeof *cursor, 0);
     ok = 1;
-    if (t->stream) ok = stream_cursor_set(t->stream, cursor, cl) == 0;
+    if (t->stream) {
+        ok = stream_cursor_set(t->stream, cursor, cl) == 0;
+    } else if (cl <= sizeof t->cursor / sizeof *t->cursor) {
+        memcpy(t->cursor, cursor, cl * sizeof *cursor);
+        t->cursor_len = cl;
+    } else {
+        ok = !error_set("checkpoint cursor of %zu values, expected at most %zu", cl,
+                        sizeof t->cursor / sizeof *t->cursor);
+    }
     free(cursor);
     agree(ok, "the data stream of the checkpoint cannot be continued with this batch configuration "
               "(the global batch and micro-batch must stay the same)");

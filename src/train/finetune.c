@@ -1,0 +1,564 @@
+// `perfcell finetune`: cell-type fine-tuning from a pretrained checkpoint.
+//
+// Labelled cells are split into train / validation / test, stratified by
+// label (keyed by finetune.split_seed) or as a split file says. Each epoch is
+// a keyed permutation of the training cells cut into global batches; rank r
+// takes micro-batches j = r, r + N, ... of each step (the same global batches
+// for any number of ranks). After each epoch the validation macro-F1 decides
+// early stopping and which parameters are kept as the best; at the end the
+// best model is evaluated on the validation and test cells.
+#include "perfcell/classifier.h"
+#include "perfcell/error.h"
+#include "perfcell/log.h"
+#include "perfcell/pretrain.h"
+#include "perfcell/report.h"
+#include "perfcell/rng.h"
+#include "perfcell/shard_reader.h"
+#include "perfcell/tokens.h"
+#include "perfcell/train.h"
+#include "perfcell/util.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+static const char USAGE[] =
+    "usage: mpirun -np N perfcell finetune --config FILE --init PRETRAINED_CKPT [--resume auto|CKPT]\n"
+    "                                      [section.key=value ...]\n"
+    "\n"
+    "Fine-tunes a pretrained model to annotate cell types from the shards' label\n"
+    "column. Heads: scBERT's (full mode) or a pooled MLP (finetune.head);\n"
+    "freezing: scBERT's policy (final norm, second-to-last block and head train),\n"
+    "none, or all (head only) (finetune.freeze). Early stopping on validation\n"
+    "macro-F1. Writes RUN_DIR/best/ (the best model, for `perfcell predict`),\n"
+    "RUN_DIR/report_val.{tsv,svg} and, with a test split, RUN_DIR/report_test.*\n";
+
+typedef struct {
+    int64_t *id;
+    size_t n;
+} IdList;
+
+static void idlist_push(IdList *l, int64_t id, size_t *cap) {
+    if (l->n == *cap) {
+        *cap = *cap ? 2 * *cap : 256;
+        l->id = xrealloc(l->id, *cap * sizeof *l->id);
+    }
+    l->id[l->n++] = id;
+}
+
+static int cmp_str_idx(const void *a, const void *b, void *names) {
+    char **n = names;
+    return strcmp(n[*(const int64_t *)a], n[*(const int64_t *)b]);
+}
+
+// Cell names of the folder, in cell-id order.
+static char **read_cell_names(ShardReader *r, const Manifest *m) {
+    char **names = xcalloc((size_t)m->n_cells, sizeof *names);
+    for (size_t i = 0; i < m->n_shards; i++) {
+        ShardFile *f = shard_reader_file(r, i);
+        char **s = NULL;
+        if (!f || shard_file_strings(f, "obs/cell", (size_t)f->n_cells, &s) != 0) {
+            for (int64_t c = 0; c < m->n_cells; c++) free(names[c]);
+            free(names);
+            return NULL;
+        }
+        for (int64_t c = 0; c < f->n_cells; c++) names[f->first_cell + c] = s[c];
+        free(s);
+    }
+    return names;
+}
+
+// split[cell] = 0 train, 1 validation, 2 test, -1 unused (unlabelled).
+static int read_split_file(const char *path, ShardReader *r, const Manifest *m, int8_t *split) {
+    char **names = read_cell_names(r, m);
+    if (!names) return -1;
+    int64_t n = m->n_cells;
+    int64_t *order = xmalloc((size_t)n * sizeof *order);
+    for (int64_t i = 0; i < n; i++) order[i] = i;
+    qsort_r(order, (size_t)n, sizeof *order, cmp_str_idx, names);
+    FILE *f = fopen(path, "r");
+    int rc = 0;
+    if (!f) rc = error_set("cannot open split file '%s': %s", path, strerror(errno));
+    char *line = NULL;
+    size_t cap = 0, no = 0, assigned = 0;
+    while (rc == 0 && getline(&line, &cap, f) > 0) {
+        no++;
+        char *tab = strchr(line, '\t');
+        char *s = str_trim(tab ? tab + 1 : line);
+        if (!tab) {
+            rc = error_set("%s:%zu: expected 'cell<TAB>train|val|test'", path, no);
+            break;
+        }
+        *tab = '\0';
+        const char *cell = str_trim(line);
+        int8_t which = strcmp(s, "train") == 0 ? 0 : strcmp(s, "val") == 0 ? 1 : strcmp(s, "test") == 0 ? 2 : -2;
+        if (which == -2) {
+            if (no == 1) continue; // a header line
+            rc = error_set("%s:%zu: split '%s' is not train, val or test", path, no, s);
+            break;
+        }
+        // Binary search of the cell name.
+        int64_t lo = 0, hi = n;
+        while (lo < hi) {
+            int64_t mid = (lo + hi) / 2;
+            if (strcmp(names[order[mid]], cell) < 0) lo = mid + 1;
+            else hi = mid;
+        }
+        if (lo >= n || strcmp(names[order[lo]], cell) != 0) {
+            rc = error_set("%s:%zu: cell '%s' is not in the shards", path, no, cell);
+            break;
+        }
+        if (lo + 1 < n && strcmp(names[order[lo + 1]], cell) == 0) {
+            rc = error_set("%s:%zu: cell name '%s' is not unique in the shards", path, no, cell);
+            break;
+        }
+        split[order[lo]] = which;
+        assigned++;
+    }
+    if (f) fclose(f);
+    free(line);
+    free(order);
+    for (int64_t i = 0; i < n; i++) free(names[i]);
+    free(names);
+    if (rc == 0 && assigned == 0) rc = error_set("%s: no cell assigned to a split", path);
+    return rc;
+}
+
+typedef struct {
+    Trainer *t;
+    const ModelConfig *mc;
+    Classifier *cls;
+    ShardReader *reader;
+    CellBatch cb;
+    TokenBatch tb;
+    float *logits, *dlogits, *dhidden;
+    size_t K, b;
+} Ctx;
+
+// Evaluate cells `ids` (split over ranks): confusion matrix (summed over
+// ranks, complete on every rank) and mean loss. Collective.
+static double evaluate(Ctx *x, const IdList *ids, Confusion *conf) {
+    Trainer *t = x->t;
+    size_t per = (ids->n + (size_t)t->size - 1) / (size_t)t->size;
+    size_t lo = per * (size_t)t->rank, hi = lo + per < ids->n ? lo + per : ids->n;
+    if (lo > ids->n) lo = ids->n;
+    double loss = 0.0;
+    int ok = 1;
+    PassCtx ctx = {t->seed, 0, 0, 0};
+    for (size_t i = lo; i < hi && ok; i += x->b) {
+        size_t n = hi - i < x->b ? hi - i : x->b;
+        cellbatch_clear(&x->cb);
+        if (shard_reader_read_ids(x->reader, ids->id + i, n, &x->cb) != 0) {
+            ok = 0;
+            break;
+        }
+        tokens_from_cells(&x->tb, &x->cb, x->mc, t->seed, 0);
+        model_forward(&t->model, &x->tb, &ctx);
+        classifier_forward(x->cls, &t->model, &x->tb, x->logits);
+        loss += classifier_loss(NULL, x->logits, x->tb.label, n, x->K, NULL, 1.0, NULL);
+        for (size_t c = 0; c < n; c++) {
+            const float *z = x->logits + c * x->K;
+            size_t am = 0;
+            for (size_t k = 1; k < x->K; k++)
+                if (z[k] > z[am]) am = k;
+            confusion_add(conf, x->tb.label[c], (int)am);
+        }
+    }
+    int all = 0;
+    CHECK_MPI(MPI_Allreduce(&ok, &all, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD));
+    if (!all) DIE("evaluation failed: %s", ok ? "a read failed on another rank" : error_last());
+    size_t KK = conf->K * (conf->K + 1);
+    CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, conf->cm, (int)KK, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD));
+    CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, &conf->n, 1, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD));
+    CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, &conf->unassigned, 1, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD));
+    CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, &loss, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
+    return ids->n ? loss / (double)ids->n : NAN;
+}
+
+// Trainable flags of the freezing policy.
+static void apply_freeze(ParamTable *t, const ModelConfig *mc, const char *policy) {
+    char keep[64];
+    size_t second_last = mc->depth >= 2 ? mc->depth - 2 : 0;
+    snprintf(keep, sizeof keep, "performer.net.layers.%zu.", second_last);
+    for (size_t i = 0; i < t->n; i++) {
+        ParamEntry *e = &t->e[i];
+        int head = strncmp(e->name, "to_out.", 7) == 0 || strncmp(e->name, "cls.", 4) == 0;
+        if (head) continue;
+        if (strcmp(policy, "all") == 0) {
+            e->trainable = 0;
+        } else if (strcmp(policy, "scbert") == 0) {
+            e->trainable = strncmp(e->name, "norm.", 5) == 0 || strncmp(e->name, keep, strlen(keep)) == 0;
+        } else if (strcmp(e->name, "pos_emb.emb.weight") == 0) {
+            e->trainable = !mc->gene_emb_frozen;
+        }
+    }
+}
+
+int cmd_finetune(int argc, char **argv) {
+    TrainArgs args;
+    int rc = train_args_parse(argc, argv, &args, USAGE);
+    if (rc == 1) return 0;
+    if (rc != 0) DIE_HINT("see `perfcell finetune --help`", "%s", error_last());
+    if (!args.init && !args.resume)
+        DIE_HINT("give the pretrained checkpoint: --init RUN_DIR/checkpoints/ckpt-XXXXXXXX.h5",
+                 "perfcell finetune needs --init (or --resume to continue a fine-tuning run)");
+
+    Trainer t;
+    trainer_config(&t, &args, TRAIN_SCHEMA, TRAIN_SCHEMA_LEN, "finetune");
+    trainer_open_data(&t);
+    const Config *cfg = t.cfg;
+    const Manifest *man = &t.manifest;
+    if (!man->label_key[0] || man->n_labels < 2)
+        DIE_HINT("build the shards with --label-key COLUMN (or --labels FILE)",
+                 "%s: the shards carry %s", man->folder,
+                 man->label_key[0] ? "fewer than two label categories" : "no labels");
+    const char *want_key = config_str(cfg, "finetune.label_key");
+    if (want_key[0] && strcmp(want_key, man->label_key) != 0)
+        DIE_HINT("shards store one label column; rebuild them with --label-key for another",
+                 "finetune.label_key = %s but the shards hold labels '%s'", want_key, man->label_key);
+    const size_t K = man->n_labels;
+    t.labels = man->labels;
+    t.n_labels = K;
+
+    ModelConfig mc;
+    if (train_model_config(cfg, (size_t)man->n_genes, &mc) != 0)
+        DIE_HINT("check the [model] section", "%s", error_last());
+    ClsConfig cc = {0};
+    const char *head = config_str(cfg, "finetune.head");
+    cc.kind = strcmp(head, "pooled") == 0 || (strcmp(head, "auto") == 0 && mc.mode == SEQ_NONZERO)
+                  ? CLS_POOLED
+                  : CLS_SCBERT;
+    if (cc.kind == CLS_SCBERT && mc.mode != SEQ_FULL)
+        DIE_HINT("use finetune.head = pooled (or auto) in nonzero mode",
+                 "scBERT's head reads every gene position: it needs data.mode = full");
+    cc.n_classes = K;
+    cc.hidden = (size_t)config_int(cfg, "finetune.hidden");
+    cc.pool_mean = strcmp(config_str(cfg, "finetune.pooling"), "mean") == 0;
+
+    // Splits (rank 0 computes, everyone receives).
+    ShardReader *reader = shard_reader_open_manifest(man, 0);
+    if (!reader) DIE("%s", error_last());
+    int8_t *split = xmalloc((size_t)man->n_cells);
+    int32_t *label_of = xmalloc((size_t)man->n_cells * sizeof *label_of);
+    int ok = 1;
+    if (t.rank == 0) {
+        for (size_t i = 0; i < man->n_shards && ok; i++) {
+            ShardFile *f = shard_reader_file(reader, i);
+            if (!f) ok = 0;
+            else memcpy(label_of + f->first_cell, f->label, (size_t)f->n_cells * sizeof *label_of);
+        }
+        memset(split, -1, (size_t)man->n_cells);
+        const char *sf = config_str(cfg, "finetune.split_file");
+        if (ok && sf[0]) {
+            ok = read_split_file(sf, reader, man, split) == 0;
+            for (int64_t c = 0; ok && c < man->n_cells; c++)
+                if (label_of[c] < 0) split[c] = -1;
+        } else if (ok) {
+            double tf = config_float(cfg, "finetune.test_fraction");
+            double vf = config_float(cfg, "finetune.val_fraction");
+            uint64_t ss = (uint64_t)config_int(cfg, "finetune.split_seed");
+            uint32_t *members = xmalloc((size_t)man->n_cells * sizeof *members);
+            for (size_t k = 0; k < K; k++) {
+                size_t n = 0;
+                for (int64_t c = 0; c < man->n_cells; c++)
+                    if (label_of[c] == (int32_t)k) members[n++] = (uint32_t)c;
+                Rng r = rng_init(ss, RNG_FINETUNE, 0, k, 0);
+                rng_shuffle_u32(&r, members, n);
+                size_t n_test = (size_t)llround(tf * (double)n);
+                size_t n_val = (size_t)llround(vf * (double)n);
+                if (n >= 2 && n_val == 0 && vf > 0) n_val = 1;
+                if (n_test + n_val > n) n_val = n - n_test;
+                for (size_t i = 0; i < n; i++)
+                    split[members[i]] = i < n_test ? 2 : i < n_test + n_val ? 1 : 0;
+            }
+            free(members);
+        }
+    }
+    CHECK_MPI(MPI_Bcast(&ok, 1, MPI_INT, 0, MPI_COMM_WORLD));
+    if (!ok) DIE_HINT("a split file holds lines 'cell<TAB>train|val|test'", "%s", error_last());
+    CHECK_MPI(MPI_Bcast(split, (int)man->n_cells, MPI_INT8_T, 0, MPI_COMM_WORLD));
+    IdList train = {0}, val = {0}, test = {0};
+    size_t ctr = 0, cva = 0, cte = 0;
+    for (int64_t c = 0; c < man->n_cells; c++) {
+        if (split[c] == 0) idlist_push(&train, c, &ctr);
+        else if (split[c] == 1) idlist_push(&val, c, &cva);
+        else if (split[c] == 2) idlist_push(&test, c, &cte);
+    }
+    // Class weights from the training split (scikit-learn's "balanced").
+    double *cw = NULL;
+    int64_t *per_class = xcalloc(K, sizeof *per_class);
+    if (t.rank == 0)
+        for (size_t i = 0; i < train.n; i++) per_class[label_of[train.id[i]]]++;
+    CHECK_MPI(MPI_Bcast(per_class, (int)K, MPI_INT64_T, 0, MPI_COMM_WORLD));
+    if (config_bool(cfg, "finetune.class_weights")) {
+        cw = xcalloc(K, sizeof *cw);
+        for (size_t k = 0; k < K; k++)
+            cw[k] = per_class[k] ? (double)train.n / ((double)K * (double)per_class[k]) : 0.0;
+    }
+    free(label_of);
+    free(split);
+
+    const size_t b = (size_t)config_int(cfg, "batch.micro_batch");
+    size_t G = (size_t)config_int(cfg, "batch.global_batch");
+    if (G == 0) G = b * (size_t)config_int(cfg, "batch.accumulation") * (size_t)t.size;
+    if (G % b != 0 || (G / b) % (size_t)t.size != 0)
+        DIE_HINT("choose batch.global_batch = micro_batch x accumulation x ranks",
+                 "batch.global_batch %zu is not a multiple of batch.micro_batch %zu x %d ranks", G, b, t.size);
+    if (train.n < G)
+        DIE_HINT("lower batch.global_batch or finetune.val_fraction",
+                 "%zu training cells, fewer than the global batch of %zu", train.n, G);
+    const size_t k_mb = G / b, local_mb = k_mb / (size_t)t.size;
+    const int64_t steps_per_epoch = (int64_t)(train.n / G);
+
+    int64_t max_nnz = trainer_max_cell_nnz(&t);
+    const size_t per_cell = tokens_cell_length(&mc, (size_t)max_nnz);
+    ParamTable table;
+    param_table_init(&table);
+    model_table_add_encoder(&table, &mc);
+    classifier_head_add(&table, &mc, &cc);
+    apply_freeze(&table, &mc, config_str(cfg, "finetune.freeze"));
+    trainer_build_model(&t, &mc, &table, b * per_cell, b, per_cell);
+    int resumed = args.resume ? trainer_resume(&t, args.resume, NULL) : 0;
+    if (!resumed) {
+        if (!args.init)
+            DIE_HINT("start fine-tuning with --init PRETRAINED_CKPT", "no fine-tuning checkpoint to resume in %s",
+                     t.ckpt_dir);
+        // The encoder (and its random features) from the pretrained checkpoint.
+        int good = 1;
+        if (t.rank == 0) {
+            CkptState s;
+            memset(&s, 0, sizeof s);
+            size_t missing = 0, unused = 0;
+            good = ckpt_read(args.init, &s) == 0;
+            if (good && s.vocab_hash != t.vocab_hash) {
+                char a[17], bh[17];
+                vocab_hash_format(s.vocab_hash, a);
+                vocab_hash_format(t.vocab_hash, bh);
+                good = !error_set("%s was pretrained with vocabulary %s, the shards use %s", args.init, a, bh);
+            }
+            if (good) good = ckpt_copy_tensors(&s, &t.model.table, t.model.params, &missing, &unused) == 0;
+            size_t head_tensors = cc.kind == CLS_SCBERT ? 8 : 4;
+            if (good && missing > head_tensors)
+                good = !error_set("%s lacks %zu encoder tensors of this model (check the [model] section)",
+                                  args.init, missing - head_tensors);
+            if (good && (s.depth != mc.depth || s.n_features != mc.n_features || s.dim_head != mc.dim_head))
+                good = !error_set("%s: random features of another shape", args.init);
+            if (good)
+                memcpy(t.model.proj, s.proj, mc.depth * mc.n_features * mc.dim_head * sizeof(float));
+            if (good) log_info("init: encoder from %s (%zu tensors not used)", args.init, unused);
+            ckpt_state_free(&s);
+        }
+        CHECK_MPI(MPI_Bcast(&good, 1, MPI_INT, 0, MPI_COMM_WORLD));
+        if (!good) DIE_HINT("fine-tune from a pretraining checkpoint of the same model and vocabulary", "%s", error_last());
+        CHECK_MPI(MPI_Bcast(t.model.params, (int)t.model.table.total, MPI_FLOAT, 0, MPI_COMM_WORLD));
+        CHECK_MPI(MPI_Bcast(t.model.proj, (int)(mc.depth * mc.n_features * mc.dim_head), MPI_FLOAT, 0,
+                            MPI_COMM_WORLD));
+        t.cursor_len = 4;
+        memset(t.cursor, 0, sizeof t.cursor);
+    }
+    trainer_metrics_open(&t, resumed);
+    trainer_install_signals();
+
+    Classifier cls;
+    classifier_init(&cls, &t.model, &cc);
+    Ctx x = {&t, &mc, &cls, reader, {0}, {0}, NULL, NULL, NULL, K, b};
+    cellbatch_init(&x.cb);
+    tokenbatch_init(&x.tb);
+    x.logits = floats_alloc(b * K);
+    x.dlogits = floats_alloc(b * K);
+    x.dhidden = floats_alloc(b * per_cell * mc.dim);
+    const size_t P = t.model.table.total;
+    float *best = floats_alloc(P);
+    memcpy(best, t.model.params, P * sizeof *best);
+    // cursor: epoch, step in epoch, best macro-F1 (x 1e6), epochs without improvement
+    double best_f1 = resumed ? (double)t.cursor[2] / 1e6 : -1.0;
+    int64_t bad_epochs = resumed ? t.cursor[3] : 0;
+    const int64_t epochs = config_int(cfg, "finetune.epochs");
+    const int64_t patience = config_int(cfg, "finetune.patience");
+    char *best_dir = path_join(t.run_dir, "best");
+    if (t.rank == 0 && path_mkdir_p(best_dir) != 0) DIE("%s", error_last());
+    if (resumed && best_f1 >= 0) {
+        // The best parameters so far live in RUN_DIR/best.
+        int good = 1;
+        if (t.rank == 0) {
+            char *bp = ckpt_resolve(best_dir, "auto");
+            CkptState s;
+            memset(&s, 0, sizeof s);
+            good = bp && ckpt_read(bp, &s) == 0 && ckpt_copy_tensors(&s, &t.model.table, best, NULL, NULL) == 0;
+            if (bp) ckpt_state_free(&s);
+            free(bp);
+        }
+        CHECK_MPI(MPI_Bcast(&good, 1, MPI_INT, 0, MPI_COMM_WORLD));
+        if (!good) DIE("cannot read the best checkpoint in %s", best_dir);
+        CHECK_MPI(MPI_Bcast(best, (int)P, MPI_FLOAT, 0, MPI_COMM_WORLD));
+    }
+
+    log_info("finetune: %zu classes, cells: %zu train, %zu validation, %zu test; head %s, freeze %s, "
+             "%zu trainable parameters; %lld steps per epoch of %zu cells, %lld epochs at most",
+             K, train.n, val.n, test.n, cc.kind == CLS_SCBERT ? "scbert" : "pooled",
+             config_str(cfg, "finetune.freeze"), param_table_trainable(&t.model.table),
+             (long long)steps_per_epoch, G, (long long)epochs);
+
+    const double start = time_now();
+    double last_ckpt = start;
+    const int64_t ckpt_every = config_int(cfg, "checkpoint.every_steps");
+    int64_t *perm = xmalloc(train.n * sizeof *perm);
+    CellBatch *cbs = xcalloc(local_mb, sizeof *cbs);
+    TokenBatch *tbs = xcalloc(local_mb, sizeof *tbs);
+    for (size_t m = 0; m < local_mb; m++) {
+        cellbatch_init(&cbs[m]);
+        tokenbatch_init(&tbs[m]);
+    }
+    uint32_t *pidx = xmalloc(train.n * sizeof *pidx);
+    int stop = 0, early = 0;
+    while (!stop && !early && t.cursor[0] < epochs) {
+        const int64_t epoch = t.cursor[0];
+        for (size_t i = 0; i < train.n; i++) pidx[i] = (uint32_t)i;
+        Rng r = rng_init(t.seed, RNG_FINETUNE, 1, (uint64_t)epoch, 0);
+        rng_shuffle_u32(&r, pidx, train.n);
+        for (size_t i = 0; i < train.n; i++) perm[i] = train.id[pidx[i]];
+        double ep_loss = 0, ep_n = 0, ep_hit = 0, t_epoch = time_now();
+        while (t.cursor[1] < steps_per_epoch) {
+            const int64_t s = t.cursor[1];
+            trainer_maybe_redraw(&t);
+            model_zero_grad(&t.model);
+            // The global normaliser: Σ of the class weights over the global batch.
+            double wsum = 0;
+            double loss_local = 0;
+            int64_t hit = 0;
+            int rok = 1;
+            PassCtx ctx = {t.seed, t.step, 0, 1};
+            // First read and tokenise this rank's micro-batches (labels known), then
+            // agree on the normaliser, then forward/backward.
+            double wl = 0;
+            for (size_t m = 0; m < local_mb && rok; m++) {
+                size_t j = (size_t)t.rank + m * (size_t)t.size;
+                cellbatch_clear(&cbs[m]);
+                rok = shard_reader_read_ids(reader, perm + (size_t)s * G + j * b, b, &cbs[m]) == 0;
+                if (!rok) break;
+                tokens_from_cells(&tbs[m], &cbs[m], &mc, t.seed, t.step);
+                for (size_t c = 0; c < b; c++) wl += cw ? cw[tbs[m].label[c]] : 1.0;
+            }
+            int all = 0;
+            CHECK_MPI(MPI_Allreduce(&rok, &all, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD));
+            if (!all) DIE("reading training cells failed: %s", rok ? "on another rank" : error_last());
+            CHECK_MPI(MPI_Allreduce(&wl, &wsum, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
+            for (size_t m = 0; m < local_mb; m++) {
+                model_forward(&t.model, &tbs[m], &ctx);
+                classifier_forward(&cls, &t.model, &tbs[m], x.logits);
+                loss_local += classifier_loss(x.dlogits, x.logits, tbs[m].label, b, K, cw, wsum, &hit);
+                classifier_backward(&cls, &t.model, &tbs[m], x.dlogits, x.dhidden);
+                model_backward(&t.model, &tbs[m], &ctx, x.dhidden);
+            }
+            int local_bad = isfinite(loss_local) ? trainer_local_nonfinite(&t) : -2;
+            gradsync_allreduce(&t.sync, t.model.grads);
+            double lr = 0;
+            trainer_optimizer_step(&t, local_bad, &lr);
+            double in[2] = {loss_local, (double)hit}, out[2];
+            CHECK_MPI(MPI_Allreduce(in, out, 2, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
+            ep_loss += out[0];
+            ep_n += 1;
+            ep_hit += out[1];
+            t.cells_seen += (int64_t)G;
+            t.cursor[1]++;
+            StepFlags f = trainer_step_flags(&t, &last_ckpt, start);
+            if ((ckpt_every > 0 && t.step % ckpt_every == 0) || f.checkpoint || f.stop) {
+                t.cursor[2] = (int64_t)llround(best_f1 * 1e6);
+                t.cursor[3] = bad_epochs;
+                trainer_checkpoint(&t, NULL, 0);
+            }
+            if (f.stop) {
+                stop = 1;
+                break;
+            }
+        }
+        if (stop) break;
+        t.train_seconds += time_now() - t_epoch;
+        // End of epoch: validation, best model, early stopping.
+        Confusion conf;
+        confusion_init(&conf, K, man->labels);
+        double vloss = evaluate(&x, &val, &conf);
+        double f1 = confusion_macro_f1(&conf), acc = confusion_accuracy(&conf);
+        confusion_free(&conf);
+        int improved = f1 > best_f1;
+        if (improved) {
+            best_f1 = f1;
+            bad_epochs = 0;
+            memcpy(best, t.model.params, P * sizeof *best);
+        } else {
+            bad_epochs++;
+        }
+        log_info("epoch %lld: train loss %.4f acc %.4f | validation loss %.4f acc %.4f macro-F1 %.4f%s",
+                 (long long)epoch, ep_loss / ep_n, ep_hit / ((double)G * ep_n), vloss, acc, f1,
+                 improved ? " (best)" : "");
+        char js[256];
+        snprintf(js, sizeof js,
+                 "\"epoch\":%lld,\"loss\":%.6f,\"acc\":%.6f,\"val_loss\":%.6f,\"val_acc\":%.6f,\"val_macro_f1\":%.6f",
+                 (long long)epoch, ep_loss / ep_n, ep_hit / ((double)G * ep_n), vloss, acc, f1);
+        trainer_metrics_write(&t, js);
+        t.cursor[0]++;
+        t.cursor[1] = 0;
+        t.cursor[2] = (int64_t)llround(best_f1 * 1e6);
+        t.cursor[3] = bad_epochs;
+        if (improved) {
+            // RUN_DIR/best holds the best model (for predict and for resume).
+            char *keep_dir = t.ckpt_dir;
+            t.ckpt_dir = best_dir;
+            trainer_checkpoint(&t, NULL, 0);
+            t.ckpt_dir = keep_dir;
+        }
+        trainer_checkpoint(&t, NULL, 0);
+        if (patience > 0 && bad_epochs >= patience) {
+            log_info("early stop: no better validation macro-F1 for %lld epochs", (long long)bad_epochs);
+            early = 1;
+        }
+    }
+
+    if (!stop) {
+        // The best model on the validation and test cells.
+        memcpy(t.model.params, best, P * sizeof *best);
+        const IdList *sets[2] = {&val, &test};
+        const char *names[2] = {"validation", "test"}, *files[2] = {"report_val", "report_test"};
+        for (int i = 0; i < 2; i++) {
+            if (sets[i]->n == 0) continue;
+            Confusion conf;
+            confusion_init(&conf, K, man->labels);
+            evaluate(&x, sets[i], &conf);
+            if (t.rank == 0) {
+                char title[128];
+                snprintf(title, sizeof title, "%s cells, best model (validation macro-F1 %.4f)", names[i], best_f1);
+                confusion_print(&conf, stdout, title);
+                char *prefix = path_join(t.run_dir, files[i]);
+                if (confusion_write(&conf, prefix, title) != 0) log_warn("%s", error_last());
+                else log_info("wrote %s.tsv and %s.svg", prefix, prefix);
+                char js[200];
+                snprintf(js, sizeof js, "\"%s_acc\":%.6f,\"%s_macro_f1\":%.6f", i ? "test" : "final_val",
+                         confusion_accuracy(&conf), i ? "test" : "final_val", confusion_macro_f1(&conf));
+                trainer_metrics_write(&t, js);
+                free(prefix);
+            }
+            confusion_free(&conf);
+        }
+        char dur[32];
+        log_info("done: best validation macro-F1 %.4f; model in %s (%s of training)", best_f1, best_dir,
+                 fmt_duration(t.train_seconds, dur));
+    }
+
+    for (size_t m = 0; m < local_mb; m++) {
+        cellbatch_free(&cbs[m]);
+        tokenbatch_free(&tbs[m]);
+    }
+    free(cbs);
+    free(tbs);
+    classifier_free(&cls);
+    cellbatch_free(&x.cb);
+    tokenbatch_free(&x.tb);
+    free(x.logits), free(x.dlogits), free(x.dhidden), free(best), free(best_dir), free(perm), free(pidx);
+    free(train.id), free(val.id), free(test.id), free(cw), free(per_class);
+    shard_reader_close(reader);
+    t.labels = NULL; // borrowed from the manifest
+    trainer_free(&t);
+    free(args.overrides);
+    return 0;
+}
