@@ -31,6 +31,8 @@ int h5_attr_read_i64s(hid_t obj, const char *name, int64_t *v, size_t n);
 int h5_attr_write_string(hid_t obj, const char *name, const char *value);
 int h5_attr_write_strings(hid_t obj, const char *name, const char *const *v, size_t n);
 int h5_attr_write_i64s(hid_t obj, const char *name, const int64_t *v, size_t n);
+// A boolean attribute as h5py and AnnData write numpy bools (int8 enum).
+int h5_attr_write_bool(hid_t obj, const char *name, int value);
 
 // A dataset of variable-length UTF-8 strings.
 int h5_write_strings(hid_t loc, const char *name, const char *const *v, size_t n);

@@ -27,6 +27,8 @@ typedef struct {
 static const Command COMMANDS[] = {
     {"pretrain", cmd_pretrain},
     {"finetune", cmd_finetune},
+    {"predict", cmd_predict},
+    {"embed", cmd_embed},
 };
 
 int main(int argc, char **argv) {

@@ -183,6 +183,8 @@ int h5_attr_read_string(hid_t obj, const char *name, char *buf, size_t len) {
         goto cleanup;
     }
     mt = H5Tcopy(H5T_C_S1);
+    // HDF5 converts no strings between character sets: read in the file's.
+    H5Tset_cset(mt, H5Tget_cset(ft));
     if (H5Tis_variable_str(ft) > 0) {
         H5Tset_size(mt, H5T_VARIABLE);
         char *v = NULL;
@@ -261,6 +263,14 @@ int h5_attr_write_string(hid_t obj, const char *name, const char *value) {
 
 int h5_attr_write_strings(hid_t obj, const char *name, const char *const *v, size_t n) {
     hsize_t dim = n;
+    if (n == 0) {
+        // An empty list is an empty float64 array, as AnnData writes it.
+        double none = 0.0;
+        hid_t s0 = H5Screate_simple(1, &dim, NULL);
+        int rc0 = attr_write(obj, name, H5T_IEEE_F64LE, s0, &none);
+        H5Sclose(s0);
+        return rc0;
+    }
     hid_t t = vlen_utf8(), s = H5Screate_simple(1, &dim, NULL);
     int rc = attr_write(obj, name, t, s, v);
     H5Sclose(s);
@@ -272,6 +282,20 @@ int h5_attr_write_i64s(hid_t obj, const char *name, const int64_t *v, size_t n) 
     hsize_t dim = n;
     hid_t s = H5Screate_simple(1, &dim, NULL);
     int rc = attr_write(obj, name, H5T_STD_I64LE, s, v);
+    H5Sclose(s);
+    return rc;
+}
+
+int h5_attr_write_bool(hid_t obj, const char *name, int value) {
+    // numpy's bool as h5py stores it: an int8 enum FALSE = 0, TRUE = 1.
+    int8_t no = 0, yes = 1, v = value ? 1 : 0;
+    hid_t t = H5Tenum_create(H5T_NATIVE_INT8), s = H5Screate(H5S_SCALAR);
+    int rc = 0;
+    if (t < 0 || H5Tenum_insert(t, "FALSE", &no) < 0 || H5Tenum_insert(t, "TRUE", &yes) < 0)
+        rc = error_set_h5("cannot build the boolean type of attribute '%s'", name);
+    else
+        rc = attr_write(obj, name, t, s, &v);
+    if (t >= 0) H5Tclose(t);
     H5Sclose(s);
     return rc;
 }
