@@ -21,6 +21,7 @@ _Noreturn void error_die(const char *file, int line, const char *hint, const cha
 void error_set_rank(int rank);
 
 // Files that must not survive a fatal error (partial outputs). Paths are copied.
+// A registered folder is removed together with the files directly inside it.
 void error_cleanup_add(const char *path);
 void error_cleanup_remove(const char *path);
 
@@ -30,6 +31,11 @@ void error_cleanup_remove(const char *path);
 int error_set(const char *fmt, ...) PC_PRINTF(1, 2);
 int error_set_h5(const char *fmt, ...) PC_PRINTF(1, 2);
 const char *error_last(void);
+// A HINT for the last error (user errors: what was expected, what was found,
+// what to do); error_set() clears it, error_set_hint() sets it after the
+// message and returns -1. error_last_hint() is NULL when there is none.
+int error_set_hint(const char *fmt, ...) PC_PRINTF(1, 2);
+const char *error_last_hint(void);
 
 // Turn off HDF5's automatic error-stack printing (we report errors ourselves).
 void error_h5_quiet(void);
@@ -44,6 +50,11 @@ void error_h5_quiet(void);
 #define CHECK_OK(call)                                                                             \
     do {                                                                                           \
         if ((call) != 0) error_die(__FILE__, __LINE__, NULL, "%s", error_last());                  \
+    } while (0)
+// The same, printing the HINT the failing function left (if any).
+#define CHECK_OK_USER(call)                                                                        \
+    do {                                                                                           \
+        if ((call) != 0) error_die(__FILE__, __LINE__, error_last_hint(), "%s", error_last());     \
     } while (0)
 #define CHECK_OK_HINT(call, hint)                                                                  \
     do {                                                                                           \

@@ -1,6 +1,7 @@
 // The error sink, the per-thread last-error message and allocation wrappers.
 #include "perfcell/error.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <hdf5.h>
 #include <mpi.h>
@@ -45,10 +46,24 @@ void error_cleanup_remove(const char *path) {
     pthread_mutex_unlock(&g_cleanup_lock);
 }
 
+// A folder: the files directly inside it, then the folder (no recursion).
+static void cleanup_folder(const char *path) {
+    DIR *d = opendir(path);
+    if (d) {
+        char buf[4096];
+        for (struct dirent *e = readdir(d); e; e = readdir(d)) {
+            if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
+            if ((size_t)snprintf(buf, sizeof buf, "%s/%s", path, e->d_name) < sizeof buf) unlink(buf);
+        }
+        closedir(d);
+    }
+    rmdir(path);
+}
+
 static void cleanup_files(void) {
     // Best effort and lock-free on purpose: we may be dying while holding the lock.
     for (int i = 0; i < CLEANUP_MAX; i++) {
-        if (g_cleanup[i]) unlink(g_cleanup[i]);
+        if (g_cleanup[i] && unlink(g_cleanup[i]) != 0 && errno == EISDIR) cleanup_folder(g_cleanup[i]);
     }
 }
 
@@ -125,8 +140,10 @@ void error_die_h5(const char *file, int line, const char *fmt, ...) {
 // Per-thread last error
 
 static _Thread_local char t_last[1024];
+static _Thread_local char t_hint[1024];
 
 int error_set(const char *fmt, ...) {
+    t_hint[0] = '\0';
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(t_last, sizeof t_last, fmt, ap);
@@ -135,6 +152,7 @@ int error_set(const char *fmt, ...) {
 }
 
 int error_set_h5(const char *fmt, ...) {
+    t_hint[0] = '\0';
     char inner[256];
     h5_innermost(inner);
     va_list ap;
@@ -147,6 +165,16 @@ int error_set_h5(const char *fmt, ...) {
 }
 
 const char *error_last(void) { return t_last[0] ? t_last : "unknown error"; }
+
+int error_set_hint(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(t_hint, sizeof t_hint, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+const char *error_last_hint(void) { return t_hint[0] ? t_hint : NULL; }
 
 // ---------------------------------------------------------------------------
 // Allocation and files
