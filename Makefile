@@ -61,7 +61,7 @@ LDOPT := -fsanitize=address,undefined
 BIN := build/debug/bin
 else
 MODE := release
-OPT := -O2 -g -march=$(ARCH)
+OPT := -O3 -g -march=$(ARCH)
 LDOPT :=
 BIN := bin
 endif
@@ -82,7 +82,7 @@ TESTS := $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
 BENCH_SRC := $(sort $(wildcard tests/bench/bench_*.c))
 BENCHES := $(BENCH_SRC:tests/bench/%.c=$(BUILD)/bench/%)
 
-.PHONY: all deps test bench demo clean tests-build
+.PHONY: all deps test bench demo clean tests-build fuzz
 all: $(PROGRAMS) $(PLUGIN_DIR)/libh5zstd.so
 
 $(BUILD)/%.o: %.c
@@ -140,7 +140,44 @@ demo: deps
 deps:
 	@bash tools/install_deps.sh
 
+# --- fuzzing ----------------------------------------------------------------
+# `make fuzz` builds the libFuzzer harnesses tests/fuzz/fuzz_*.c into
+# build/fuzz/ with clang, AddressSanitizer and UBSan (the library is compiled
+# again there with coverage instrumentation). Not part of `make` or `make
+# test`'s build: tests/suite_fuzz.sh builds it when clang is present, so a
+# machine without clang still builds and tests everything else.
+# tests/fuzz/run_smoke.sh NAME SECONDS runs one harness.
+FUZZ_CC ?= clang
+FUZZ_DIR := build/fuzz
+FUZZ_SAN := -fsanitize=address,undefined -fno-sanitize-recover=undefined
+FUZZ_CFLAGS = -std=c11 $(WARN) -O1 -g -fno-omit-frame-pointer -fsanitize=fuzzer-no-link $(FUZZ_SAN) \
+	$(CPPFLAGS) $(DEP_CFLAGS) $(MPI_CFLAGS) -MMD -MP
+# The MPI headers and library (clang is not mpicc).
+MPI_CFLAGS ?= $(or $(call pc,--cflags ompi-c),$(shell mpicc --showme:compile 2>/dev/null))
+MPI_LIBS ?= $(or $(call pc,--libs ompi-c),$(shell mpicc --showme:link 2>/dev/null),-lmpi)
+FUZZ_SRC := $(sort $(wildcard tests/fuzz/fuzz_*.c))
+FUZZERS := $(FUZZ_SRC:tests/fuzz/%.c=$(FUZZ_DIR)/%)
+FUZZ_LIB := $(FUZZ_DIR)/libperfcell.a
+FUZZ_LIB_OBJ := $(LIB_SRC:%.c=$(FUZZ_DIR)/obj/%.o)
+
+fuzz: $(FUZZERS)
+.SECONDARY: $(FUZZ_SRC:%.c=$(FUZZ_DIR)/obj/%.o)
+
+$(FUZZ_DIR)/obj/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -c $< -o $@
+
+$(FUZZ_LIB): $(FUZZ_LIB_OBJ)
+	rm -f $@
+	ar rcs $@ $^
+
+# --wrap=_exit: the error sink's exit becomes an abort in the harnesses, so a
+# reader that dies instead of returning an error is reported as a crash.
+$(FUZZ_DIR)/fuzz_%: $(FUZZ_DIR)/obj/tests/fuzz/fuzz_%.o $(FUZZ_LIB)
+	$(FUZZ_CC) -fsanitize=fuzzer $(FUZZ_SAN) -Wl,--wrap=_exit $< $(FUZZ_LIB) $(DEP_LIBS) $(MPI_LIBS) -o $@
+
 clean:
 	rm -rf build bin lib
 
+-include $(wildcard $(FUZZ_DIR)/obj/*/*/*.d)
 -include $(LIB_OBJ:.o=.d) $(TESTS:=.d) $(wildcard $(BUILD)/tools/*.d $(BUILD)/src/cli/*.d $(BUILD)/tests/bench/*.d)

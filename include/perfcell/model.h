@@ -76,9 +76,25 @@ typedef struct {
     FavorCache favor;
 } LayerActs;
 
+// Where the time of forward and backward goes (filled when Model.profile is
+// set; used by benchmarks).
+typedef enum {
+    PROF_EMBED,      // embedding (and its backward)
+    PROF_NORM,       // LayerNorms
+    PROF_QKV,        // q, k, v projections
+    PROF_FAVOR,      // FAVOR+ attention
+    PROF_OUT,        // attention output projection
+    PROF_FFN,        // feed-forward (w1, GELU, w2)
+    PROF_DROPOUT,    // dropout masks
+    PROF_N
+} ProfPart;
+extern const char *const PROF_NAMES[PROF_N];
+
 typedef struct {
     ModelConfig cfg;
     ParamTable table;
+    int profile;           // accumulate section times into prof_fwd / prof_bwd
+    double prof_fwd[PROF_N], prof_bwd[PROF_N];
     float *params, *grads; // (table.total) flat buffers in table order
     // Pointers into params / grads.
     float *token_emb, *gene_emb, *norm_w, *norm_b;

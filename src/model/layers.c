@@ -10,5 +10,5 @@
 #define FN(name) name
 #define GEMM gemm
 #define EXP fast_expf
-#define ERF erff
+#define ERF fast_erff
 #include "tmpl/layers_impl.h"

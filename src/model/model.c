@@ -5,10 +5,26 @@
 #include "perfcell/layers.h"
 #include "perfcell/linalg.h"
 #include "perfcell/rng.h"
+#include "perfcell/util.h"
 
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+
+const char *const PROF_NAMES[PROF_N] = {"embedding", "layernorm", "qkv projections", "favor+ attention",
+                                        "attention output", "feed-forward", "dropout"};
+
+// Section timers: cheap (two clock reads per section) and only when asked.
+#define PROF_BEGIN(m) double prof_t0_ = (m)->profile ? time_now() : 0.0
+#define PROF_RESTART(m) prof_t0_ = (m)->profile ? time_now() : 0.0
+#define PROF_END(m, arr, part)                                                                     \
+    do {                                                                                           \
+        if ((m)->profile) {                                                                        \
+            double prof_t1_ = time_now();                                                          \
+            (m)->arr[part] += prof_t1_ - prof_t0_;                                                 \
+            prof_t0_ = prof_t1_;                                                                   \
+        }                                                                                          \
+    } while (0)
 
 // ---------------------------------------------------------------------------
 // Token batches
@@ -349,22 +365,32 @@ static void block_forward(Model *m, size_t l, LayerActs *a, const TokenBatch *tb
     float *y = m->x[l + 1];
     FavorDims fd = favor_dims(c);
 
+    PROF_BEGIN(m);
     layernorm_forward(a->ln1, a->ln1_mean, a->ln1_rstd, x, w->ln1_w, w->ln1_b, T, C);
+    PROF_END(m, prof_fwd, PROF_NORM);
     linear_forward(a->q, a->ln1, w->wq, NULL, T, C, HE);
     linear_forward(a->k, a->ln1, w->wk, NULL, T, C, HE);
     linear_forward(a->v, a->ln1, w->wv, NULL, T, C, HE);
+    PROF_END(m, prof_fwd, PROF_QKV);
     favor_forward(a->attn, &a->favor, a->q, a->k, a->v, m->proj + l * c->n_features * c->dim_head,
                   tb->offset, tb->n_cells, &fd);
+    PROF_END(m, prof_fwd, PROF_FAVOR);
     linear_forward(a->res1, a->attn, w->wo, w->bo, T, HE, C);
+    PROF_END(m, prof_fwd, PROF_OUT);
     dropout_cells(a->res1, C, c->dropout_attn, tb, ctx, l, SITE_ATTN);
+    PROF_END(m, prof_fwd, PROF_DROPOUT);
     for (size_t i = 0; i < T * C; i++) a->res1[i] += x[i];
 
     layernorm_forward(a->ln2, a->ln2_mean, a->ln2_rstd, a->res1, w->ln2_w, w->ln2_b, T, C);
+    PROF_END(m, prof_fwd, PROF_NORM);
     linear_forward(a->ff_pre, a->ln2, w->w1, w->b1, T, C, F);
     gelu_forward(a->ff_act, a->ff_pre, T * F);
+    PROF_END(m, prof_fwd, PROF_FFN);
     dropout_cells(a->ff_act, F, c->dropout_ff, tb, ctx, l, SITE_FF);
+    PROF_END(m, prof_fwd, PROF_DROPOUT);
     linear_forward(y, a->ff_act, w->w2, w->b2, T, F, C);
     for (size_t i = 0; i < T * C; i++) y[i] += a->res1[i];
+    PROF_END(m, prof_fwd, PROF_FFN);
 }
 
 // m->dx holds dL/dx[l + 1] on entry and dL/dx[l] on return. Without
@@ -381,20 +407,28 @@ static void block_backward(Model *m, size_t l, LayerActs *a, const TokenBatch *t
     FavorDims fd = favor_dims(c);
 
     // Feed-forward half: x[l+1] = res1 + w2(drop(gelu(w1(ln2(res1))))).
+    PROF_BEGIN(m);
     linear_backward(m->dff, dw->w2, dw->b2, m->dx, a->ff_act, w->w2, T, F, C);
+    PROF_END(m, prof_bwd, PROF_FFN);
     dropout_cells(m->dff, F, c->dropout_ff, tb, ctx, l, SITE_FF);
+    PROF_END(m, prof_bwd, PROF_DROPOUT);
     gelu_backward(m->dff, m->dff, a->ff_pre, T * F);
     linear_backward(m->dln, dw->w1, dw->b1, m->dff, a->ln2, w->w1, T, C, F);
+    PROF_END(m, prof_bwd, PROF_FFN);
     layernorm_backward(m->dx, dw->ln2_w, dw->ln2_b, m->dln, a->res1, w->ln2_w, a->ln2_mean,
                        a->ln2_rstd, T, C);
+    PROF_END(m, prof_bwd, PROF_NORM);
 
     // Attention half: res1 = x[l] + drop(to_out(favor(q, k, v))).
     memcpy(m->dtmp, m->dx, T * C * sizeof(float));
     dropout_cells(m->dtmp, C, c->dropout_attn, tb, ctx, l, SITE_ATTN);
+    PROF_END(m, prof_bwd, PROF_DROPOUT);
     linear_backward(m->dattn, dw->wo, dw->bo, m->dtmp, a->attn, w->wo, T, HE, C);
+    PROF_END(m, prof_bwd, PROF_OUT);
     favor_backward(m->dq, m->dk, m->dv, &a->favor, m->dattn, a->attn, a->q, a->k, a->v,
                    m->proj + l * c->n_features * c->dim_head, tb->offset, tb->n_cells, &fd,
                    m->favor_scratch);
+    PROF_END(m, prof_bwd, PROF_FAVOR);
     gemm(0, 0, T, C, HE, 1.0f, m->dq, HE, w->wq, C, 0.0f, m->dln, C);
     gemm(0, 0, T, C, HE, 1.0f, m->dk, HE, w->wk, C, 1.0f, m->dln, C);
     gemm(0, 0, T, C, HE, 1.0f, m->dv, HE, w->wv, C, 1.0f, m->dln, C);
@@ -403,8 +437,10 @@ static void block_backward(Model *m, size_t l, LayerActs *a, const TokenBatch *t
         gemm(1, 0, HE, C, T, 1.0f, m->dk, HE, a->ln1, C, 1.0f, dw->wk, C);
         gemm(1, 0, HE, C, T, 1.0f, m->dv, HE, a->ln1, C, 1.0f, dw->wv, C);
     }
+    PROF_END(m, prof_bwd, PROF_QKV);
     layernorm_backward(m->dx, dw->ln1_w, dw->ln1_b, m->dln, m->x[l], w->ln1_w, a->ln1_mean,
                        a->ln1_rstd, T, C);
+    PROF_END(m, prof_bwd, PROF_NORM);
 }
 
 // ---------------------------------------------------------------------------
@@ -426,12 +462,16 @@ void model_forward(Model *m, const TokenBatch *tb, const PassCtx *ctx) {
     const ModelConfig *c = &m->cfg;
     const size_t T = tb->n_tokens, C = c->dim;
     check_batch(m, tb);
+    PROF_BEGIN(m);
     embedding_forward(m->x[0], tb->token, tb->gene, m->token_emb, m->gene_emb, T, C);
     dropout_cells(m->x[0], C, c->dropout_emb, tb, ctx, 0, SITE_EMB);
+    PROF_END(m, prof_fwd, PROF_EMBED);
     for (size_t l = 0; l < c->depth; l++)
         block_forward(m, l, &m->acts[c->recompute ? 0 : l], tb, ctx);
+    PROF_RESTART(m);
     layernorm_forward(m->hidden, m->fin_mean, m->fin_rstd, m->x[c->depth], m->norm_w, m->norm_b, T,
                       C);
+    PROF_END(m, prof_fwd, PROF_NORM);
 }
 
 void model_backward(Model *m, const TokenBatch *tb, const PassCtx *ctx, float *dhidden) {
@@ -461,11 +501,13 @@ void model_backward(Model *m, const TokenBatch *tb, const PassCtx *ctx, float *d
         block_backward(m, l, a, tb, ctx);
     }
     if (!m->emb_trainable) return;
+    PROF_BEGIN(m);
     dropout_cells(m->dx, C, c->dropout_emb, tb, ctx, 0, SITE_EMB);
     const ParamEntry *te = param_table_find(&m->table, "token_emb.weight");
     const ParamEntry *ge = param_table_find(&m->table, "pos_emb.emb.weight");
     embedding_backward(te->trainable ? m->dtoken_emb : NULL, ge->trainable ? m->dgene_emb : NULL,
                        m->dx, tb->token, tb->gene, T, C, c->n_genes);
+    PROF_END(m, prof_bwd, PROF_EMBED);
 }
 
 double model_forward_flops_cell(const ModelConfig *c, size_t n) {
