@@ -78,6 +78,13 @@ void contrastive_init(Contrastive *c, const Model *m, const ContrastiveConfig *c
                       size_t cap_cells, size_t cap_global, MPI_Comm comm);
 void contrastive_free(Contrastive *c);
 
+// The head on m->hidden after a model_forward of tb: pooled states and unit
+// z (c->z, (cells, D)).
+void contrastive_head_forward(Contrastive *c, Model *m, const TokenBatch *tb);
+// From dL/dz (cells, D): head gradients into m->grads, the pooling's gradient
+// added into dhidden (T, C). Follows contrastive_head_forward() of tb.
+void contrastive_head_backward(Contrastive *c, Model *m, const TokenBatch *tb, const float *dz,
+                               float *dhidden);
 // z of the cells of tb for one view (no activations kept beyond this call).
 void contrastive_encode(Contrastive *c, Model *m, const TokenBatch *tb, const PassCtx *ctx, float *z);
 

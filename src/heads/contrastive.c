@@ -46,7 +46,9 @@ void contrastive_head_add(ParamTable *t, const ModelConfig *mc, const Contrastiv
 // `scale`. Rows are processed in blocks so memory is O(block x N).
 static double infonce_dir(const float *x, const float *y, size_t N, size_t D, double tau, float *gx,
                           float *gy, float scale, double *pos, double *all) {
-    size_t blk = (size_t)1 << 22;
+    // Blocks of rows bounded to 2^16 similarities (256 KiB): the coordinator's
+    // extra memory stays below that of the gathered z for any N.
+    size_t blk = (size_t)1 << 16;
     blk = N ? blk / N : 1;
     if (blk < 1) blk = 1;
     if (blk > N) blk = N;
@@ -248,11 +250,23 @@ void contrastive_free(Contrastive *c) {
     memset(c, 0, sizeof *c);
 }
 
-void contrastive_encode(Contrastive *c, Model *m, const TokenBatch *tb, const PassCtx *ctx, float *z) {
+void contrastive_head_forward(Contrastive *c, Model *m, const TokenBatch *tb) {
     HeadParams h = head_params(m);
-    model_forward(m, tb, ctx);
     pool_forward(c->pooled, m->hidden, tb, m->cfg.dim, c->cfg.pool_mean);
     proj_forward(c, &h, tb->n_cells, m->cfg.dim);
+}
+
+void contrastive_head_backward(Contrastive *c, Model *m, const TokenBatch *tb, const float *dz,
+                               float *dhidden) {
+    HeadParams h = head_params(m);
+    memcpy(c->dz, dz, tb->n_cells * c->cfg.proj_dim * sizeof *dz);
+    proj_backward(c, &h, tb->n_cells, m->cfg.dim);
+    pool_backward(dhidden, c->dpooled, tb, m->cfg.dim, c->cfg.pool_mean);
+}
+
+void contrastive_encode(Contrastive *c, Model *m, const TokenBatch *tb, const PassCtx *ctx, float *z) {
+    model_forward(m, tb, ctx);
+    contrastive_head_forward(c, m, tb);
     if (z) memcpy(z, c->z, tb->n_cells * c->cfg.proj_dim * sizeof *z);
 }
 

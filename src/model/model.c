@@ -42,7 +42,8 @@ void tokenbatch_free(TokenBatch *tb) {
 }
 
 void tokenbatch_reserve(TokenBatch *tb, size_t n_cells, size_t n_tokens) {
-    if (n_cells > tb->cap_cells) {
+    // offset always has room for n_cells + 1 entries, also for an empty batch.
+    if (n_cells > tb->cap_cells || !tb->offset) {
         tb->offset = xrealloc(tb->offset, (n_cells + 1) * sizeof *tb->offset);
         tb->cell_id = xrealloc(tb->cell_id, n_cells * sizeof *tb->cell_id);
         tb->label = xrealloc(tb->label, n_cells * sizeof *tb->label);

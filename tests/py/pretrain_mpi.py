@@ -228,9 +228,32 @@ def test_metrics():
     check(r.returncode == 0, "resume of a finished run exits 0")
 
 
+def test_contrastive():
+    """MLM + contrastive pretraining end to end, and its resume."""
+    d = os.path.join(TMP, "contrastive")
+    extra = ["run.max_steps=4", "run.val_every=2", "contrastive.weight=0.5", "contrastive.sub_batch=3",
+             "contrastive.proj_dim=8", "contrastive.proj_hidden=16", "checkpoint.every_steps=2"]
+    r = pretrain(2, d, extra)
+    check(r.returncode == 0, f"contrastive pretraining on 2 ranks: exit 0 ({r.stderr.strip()[-300:]})")
+    import json
+    rows = [json.loads(l) for l in open(os.path.join(d, "metrics.jsonl"))]
+    check(any("contrastive_loss" in x for x in rows), "training lines carry the contrastive loss")
+    val = [x for x in rows if "val_alignment" in x]
+    check(len(val) >= 2 and all(k in val[0] for k in ("val_contrastive_loss", "val_pos_sim", "val_neg_sim",
+                                                       "val_uniformity")),
+          "validation logs contrastive loss, positive/negative similarity, alignment and uniformity")
+    ref = params(final_ckpt(d, 4))
+    d2 = os.path.join(TMP, "contrastive-resumed")
+    r = pretrain(2, d2, extra[:1] + ["run.max_steps=2"] + extra[2:])
+    r = pretrain(2, d2, extra, resume=True)
+    check(r.returncode == 0 and bitwise(params(final_ckpt(d2, 4)), ref),
+          "contrastive run resumed at step 2 is bitwise equal to the uninterrupted one")
+
+
 def main():
     os.makedirs(TMP, exist_ok=True)
-    tests = {"ranks": test_ranks, "resume": test_resume, "kill": test_kill, "metrics": test_metrics}
+    tests = {"ranks": test_ranks, "resume": test_resume, "kill": test_kill, "metrics": test_metrics,
+             "contrastive": test_contrastive}
     if len(sys.argv) != 2 or sys.argv[1] not in tests:
         sys.exit(f"usage: {sys.argv[0]} {'|'.join(tests)}")
     tests[sys.argv[1]]()
