@@ -10,6 +10,9 @@
 // k / N micro-batches per step. The global batches are therefore the same for
 // any number of ranks and no block is read by two ranks.
 //
+// Blocks are block_cells consecutive cells of one shard (a shard's last block
+// may be shorter); validation cells are skipped inside the blocks.
+//
 // An epoch has as many steps as its shortest stream allows (the few cells
 // left at the end of the longer streams are skipped that epoch; the next
 // epoch's permutation deals them differently).
@@ -55,17 +58,17 @@ void cellbatch_clear(CellBatch *b);
 void cellbatch_append(CellBatch *dst, const CellBatch *src, size_t i0, size_t i1);
 
 typedef struct {
-    uint64_t seed;        // shuffling (block permutation and in-block order)
-    size_t global_batch;  // G: cells per optimizer step
-    size_t micro_batch;   // b: cells per micro-batch (G % b == 0)
-    size_t block_cells;   // cells per block (default 256)
-    double val_fraction;  // share of cells held out for validation, [0, 1)
-    uint64_t split_seed;  // key of the validation hash (default 0)
-    int prefetch;         // micro-batches decoded ahead (0: read synchronously)
-    int skip_file_crc;    // 0: check each shard file's CRC-32 against the manifest
-                          // the first time this rank opens it (one extra
-                          // sequential read of each shard per rank); 1: only
-                          // its size (for very large folders on slow storage)
+    uint64_t seed;       // shuffling (block permutation and in-block order)
+    size_t global_batch; // G: cells per optimizer step
+    size_t micro_batch;  // b: cells per micro-batch (G % b == 0)
+    size_t block_cells;  // cells per block (default 256)
+    double val_fraction; // share of cells held out for validation, [0, 1)
+    uint64_t split_seed; // key of the validation hash (default 0)
+    int prefetch;        // micro-batches decoded ahead (0: read synchronously)
+    int skip_file_crc;   // 0: check each shard file's CRC-32 against the manifest
+                         // the first time this rank opens it (one extra
+                         // sequential read of each shard per rank); 1: only
+                         // its size (for very large folders on slow storage)
 } StreamConfig;
 
 typedef struct Stream Stream;
@@ -87,8 +90,8 @@ int64_t stream_train_cells(const Stream *s);
 
 // The next micro-batch of this rank, in order: for each step, the streams
 // j = rank, rank + N, ... . *stream_index (optional) receives j. Returns 0, or
-// -1 with error_set() naming the shard file and the fault (corrupt chunk,
-// truncated file, checksum mismatch of decoded content, ...).
+// -1 with error_set() naming the shard file and the fault (file checksum
+// mismatch, truncated file, corrupt chunk, invalid rows, ...).
 int stream_next(Stream *s, CellBatch *out, size_t *stream_index);
 
 // Cursor: epoch, step within the epoch and the k stream positions, as int64
@@ -108,13 +111,15 @@ int stream_cursor_set(Stream *s, const int64_t *cur, size_t len);
 // parts of the (id-ordered) validation list; read in order, `max_cells` at
 // most (0: all). Calls cb for each batch of at most b cells.
 //
-// `max_cells` caps the whole list (the first max_cells validation cells, then
-// split over ranks), so the evaluated cells do not depend on N; `batch` 0
-// means the micro-batch. A non-zero return of cb stops the walk and is
-// returned. Runs on the calling thread with its own reader (under h5_lock),
-// while the prefetch thread goes on.
+// With max_cells, the first N x max_cells cells of the list are split over
+// the N ranks (each reads at most max_cells), so a cap of C / N cells per rank
+// evaluates the same C cells whatever N (N dividing C). `batch` 0 means the
+// micro-batch. A non-zero return of cb stops the walk and is returned. Runs
+// on the calling thread with its own reader (under h5_lock), while the
+// prefetch thread goes on.
 typedef int (*StreamBatchFn)(const CellBatch *b, void *ctx);
-int stream_for_each_validation(Stream *s, size_t batch, size_t max_cells, StreamBatchFn cb, void *ctx);
+int stream_for_each_validation(Stream *s, size_t batch, size_t max_cells, StreamBatchFn cb,
+                               void *ctx);
 // Number of validation cells (all ranks).
 int64_t stream_validation_cells(const Stream *s);
 
