@@ -1,7 +1,8 @@
 // perfcell-inspect: summarise and verify shard folders and shard files.
 //
-// Each kind of PATH is one entry of KINDS (detect, summary, verify); another
-// kind (checkpoints) is added there.
+// Each kind of PATH is one entry of KINDS (detect, summary, verify): shard
+// folders, shard files and checkpoints.
+#include "perfcell/checkpoint.h"
 #include "perfcell/error.h"
 #include "perfcell/h5util.h"
 #include "perfcell/manifest.h"
@@ -16,7 +17,8 @@
 static const char USAGE[] =
     "usage: perfcell-inspect PATH [--verify] [--cells N]\n"
     "\n"
-    "Summarise a shard folder (a folder with manifest.tsv) or one shard file (.h5ad).\n"
+    "Summarise a shard folder (a folder with manifest.tsv), one shard file (.h5ad)\n"
+    "or a checkpoint (ckpt-*.h5; --verify checks every tensor's CRC-32).\n"
     "\n"
     "  --verify    re-read everything and check it: the vocabulary hash of vocab.tsv,\n"
     "              each shard's size and file CRC-32, its structure, every cell\n"
@@ -393,6 +395,41 @@ static int inspect_file(const char *path, const Options *o) {
 
 // ===========================================================================
 
+// ===========================================================================
+// Checkpoints
+
+// An HDF5 file whose root says format = perfcell-checkpoint.
+static int is_checkpoint(const char *path) {
+    if (path_is_dir(path) || !path_exists(path)) return 0;
+    h5_lock();
+    int yes = 0;
+    if (H5Fis_hdf5(path) > 0) {
+        hid_t f = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
+        if (f >= 0) {
+            char fmt[64];
+            yes = h5_attr_exists(f, "format") && h5_attr_read_string(f, "format", fmt, sizeof fmt) == 0 &&
+                  strcmp(fmt, CKPT_FORMAT) == 0;
+            H5Fclose(f);
+        }
+    }
+    h5_unlock();
+    return yes;
+}
+
+static int inspect_checkpoint(const char *path, const Options *o) {
+    if (ckpt_summary(path, stdout) != 0) {
+        fprintf(stderr, "%s\n", error_last());
+        return 1;
+    }
+    if (!o->verify) return 0;
+    if (ckpt_verify(path) != 0) {
+        fprintf(stderr, "FAULT: %s\n", error_last());
+        return 1;
+    }
+    printf("verify: every tensor's shape and CRC-32 checked: OK\n");
+    return 0;
+}
+
 typedef struct {
     const char *name;
     int (*detect)(const char *path);
@@ -401,6 +438,7 @@ typedef struct {
 
 static const PathKind KINDS[] = {
     {"shard folder", is_shard_folder, inspect_folder},
+    {"checkpoint", is_checkpoint, inspect_checkpoint},
     {"shard file", is_shard_file, inspect_file},
 };
 

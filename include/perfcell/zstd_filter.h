@@ -3,7 +3,8 @@
 // anndata and h5dump read shards with HDF5_PLUGIN_PATH pointing there.
 //
 // cd_values[0], when present, is the compression level (default 3). The
-// stored chunk is one Zstandard frame with its content size recorded.
+// stored chunk is one Zstandard frame with its content size and a content
+// checksum recorded.
 #ifndef PERFCELL_ZSTD_FILTER_H
 #define PERFCELL_ZSTD_FILTER_H
 

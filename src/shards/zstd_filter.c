@@ -33,8 +33,20 @@ static size_t zstd_filter_apply(unsigned int flags, size_t cd_nelmts, const unsi
     if (level < 1 || level > ZSTD_maxCLevel()) level = 3;
     size_t bound = ZSTD_compressBound(nbytes);
     out = malloc(bound);
-    if (!out) return 0;
-    size_t got = ZSTD_compress(out, bound, *buf, nbytes, level);
+    ZSTD_CCtx *cctx = ZSTD_createCCtx();
+    if (!out || !cctx) {
+        free(out);
+        ZSTD_freeCCtx(cctx);
+        return 0;
+    }
+    // Each frame carries its content size and a checksum of the content, so a
+    // damaged chunk fails to decompress instead of decoding into wrong values
+    // (any Zstandard reader, the plugin and hdf5plugin included, checks it).
+    size_t got = ZSTD_isError(ZSTD_CCtx_setParameter(cctx, ZSTD_c_compressionLevel, level)) ||
+                         ZSTD_isError(ZSTD_CCtx_setParameter(cctx, ZSTD_c_checksumFlag, 1))
+                     ? (size_t)-1
+                     : ZSTD_compress2(cctx, out, bound, *buf, nbytes);
+    ZSTD_freeCCtx(cctx);
     if (ZSTD_isError(got)) {
         free(out);
         return 0;
