@@ -94,6 +94,7 @@ typedef struct {
     ModelConfig cfg;
     ParamTable table;
     int profile;           // accumulate section times into prof_fwd / prof_bwd
+    int forward_only;      // allocated by model_alloc_inference(): no gradients, no backward
     double prof_fwd[PROF_N], prof_bwd[PROF_N];
     float *params, *grads; // (table.total) flat buffers in table order
     // Pointers into params / grads.
@@ -135,6 +136,11 @@ int model_config_check(const ModelConfig *cfg);
 // the activation arena. Returns 0 or -1 with error_set() (sizes).
 int model_alloc(Model *m, const ModelConfig *cfg, ParamTable *table, size_t max_tokens,
                 size_t max_cells, size_t max_cell_tokens);
+// The same for inference: parameters and the forward pass only (no gradient
+// buffer, one block's activations, no backward scratch). model_backward()
+// must not be called.
+int model_alloc_inference(Model *m, const ModelConfig *cfg, ParamTable *table, size_t max_tokens,
+                          size_t max_cells, size_t max_cell_tokens);
 void model_free(Model *m);
 // Bytes the arena would take for these sizes (for planning and reports).
 size_t model_arena_bytes(const ModelConfig *cfg, size_t max_tokens, size_t max_cells,

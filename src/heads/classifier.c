@@ -50,7 +50,7 @@ void classifier_init(Classifier *c, const Model *m, const ClsConfig *cfg) {
         const ParamEntry *e = param_table_find(&m->table, name);
         CHECK(e, "internal: classifier tensor %s missing", name);
         c->w[i] = m->params + e->offset;
-        c->dw[i] = m->grads + e->offset;
+        c->dw[i] = m->grads ? m->grads + e->offset : NULL; // NULL: an inference model
     }
     const size_t B = m->max_cells;
     const size_t W0 = cfg->kind == CLS_SCBERT ? c->T_cell : c->C;

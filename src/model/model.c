@@ -157,26 +157,28 @@ static size_t layer_acts_floats(const ModelConfig *c, size_t T, size_t B) {
            al16(favor_cache_floats(&fd, T, B));
 }
 
-static ArenaPlan arena_plan(const ModelConfig *c, size_t T, size_t B, size_t n) {
+static ArenaPlan arena_plan(const ModelConfig *c, size_t T, size_t B, size_t n, int forward_only) {
     const size_t C = c->dim, HE = c->heads * c->dim_head, F = c->ff_dim, L = c->depth;
     FavorDims fd = favor_dims(c);
-    size_t n_acts = c->recompute ? 1 : L;
+    size_t n_acts = c->recompute || forward_only ? 1 : L;
     ArenaPlan p;
-    p.floats = (L + 1) * al16(T * C) + al16(T * C) + 2 * al16(T) + n_acts * layer_acts_floats(c, T, B) +
-               3 * al16(T * C) + 4 * al16(T * HE) + al16(T * F) + al16(favor_scratch_floats(&fd, n));
+    p.floats = (L + 1) * al16(T * C) + al16(T * C) + 2 * al16(T) + n_acts * layer_acts_floats(c, T, B);
+    if (!forward_only)
+        p.floats += 3 * al16(T * C) + 4 * al16(T * HE) + al16(T * F) + al16(favor_scratch_floats(&fd, n));
     p.ibytes = n_acts * ((favor_cache_ints_bytes(&fd, T, B) + 63) / 64 * 64);
     return p;
 }
 
 size_t model_arena_bytes(const ModelConfig *cfg, size_t max_tokens, size_t max_cells,
                          size_t max_cell_tokens) {
-    ArenaPlan p = arena_plan(cfg, max_tokens, max_cells, max_cell_tokens);
+    ArenaPlan p = arena_plan(cfg, max_tokens, max_cells, max_cell_tokens, 0);
     return p.floats * sizeof(float) + p.ibytes;
 }
 
-int model_alloc(Model *m, const ModelConfig *cfg, ParamTable *table, size_t max_tokens,
-                size_t max_cells, size_t max_cell_tokens) {
+static int alloc_model(Model *m, const ModelConfig *cfg, ParamTable *table, size_t max_tokens,
+                       size_t max_cells, size_t max_cell_tokens, int forward_only) {
     memset(m, 0, sizeof *m);
+    m->forward_only = forward_only;
     if (model_config_check(cfg) != 0) return -1;
     if (max_tokens == 0 || max_cells == 0 || max_cell_tokens == 0 || max_cell_tokens > max_tokens)
         return error_set("model: bad arena sizes (tokens %zu, cells %zu, tokens per cell %zu)",
@@ -187,20 +189,20 @@ int model_alloc(Model *m, const ModelConfig *cfg, ParamTable *table, size_t max_
     const size_t C = cfg->dim, HE = cfg->heads * cfg->dim_head, F = cfg->ff_dim, L = cfg->depth;
     const size_t T = max_tokens, B = max_cells;
     m->params = floats_alloc(m->table.total);
-    m->grads = floats_alloc(m->table.total);
     m->token_emb = param_ptr(m, m->params, "token_emb.weight");
     m->gene_emb = param_ptr(m, m->params, "pos_emb.emb.weight");
     m->norm_w = param_ptr(m, m->params, "norm.weight");
     m->norm_b = param_ptr(m, m->params, "norm.bias");
-    m->dtoken_emb = param_ptr(m, m->grads, "token_emb.weight");
-    m->dgene_emb = param_ptr(m, m->grads, "pos_emb.emb.weight");
-    m->dnorm_w = param_ptr(m, m->grads, "norm.weight");
-    m->dnorm_b = param_ptr(m, m->grads, "norm.bias");
     m->w = xcalloc(L, sizeof *m->w);
     m->dw = xcalloc(L, sizeof *m->dw);
-    for (size_t l = 0; l < L; l++) {
-        bind_layer(m, m->params, l, &m->w[l]);
-        bind_layer(m, m->grads, l, &m->dw[l]);
+    for (size_t l = 0; l < L; l++) bind_layer(m, m->params, l, &m->w[l]);
+    if (!forward_only) {
+        m->grads = floats_alloc(m->table.total);
+        m->dtoken_emb = param_ptr(m, m->grads, "token_emb.weight");
+        m->dgene_emb = param_ptr(m, m->grads, "pos_emb.emb.weight");
+        m->dnorm_w = param_ptr(m, m->grads, "norm.weight");
+        m->dnorm_b = param_ptr(m, m->grads, "norm.bias");
+        for (size_t l = 0; l < L; l++) bind_layer(m, m->grads, l, &m->dw[l]);
     }
     m->proj = floats_alloc(L * cfg->n_features * cfg->dim_head);
     m->layer_trainable = xcalloc(L, sizeof *m->layer_trainable);
@@ -219,7 +221,7 @@ int model_alloc(Model *m, const ModelConfig *cfg, ParamTable *table, size_t max_
     m->max_tokens = T;
     m->max_cells = B;
     m->max_cell_tokens = max_cell_tokens;
-    ArenaPlan plan = arena_plan(cfg, T, B, max_cell_tokens);
+    ArenaPlan plan = arena_plan(cfg, T, B, max_cell_tokens, forward_only);
     m->arena_bytes = plan.floats * sizeof(float) + plan.ibytes;
     m->arena = floats_alloc(plan.floats);
     m->iarena = xcalloc(1, plan.ibytes ? plan.ibytes : 1);
@@ -230,7 +232,7 @@ int model_alloc(Model *m, const ModelConfig *cfg, ParamTable *table, size_t max_
     m->hidden = TAKE(T * C);
     m->fin_mean = TAKE(T);
     m->fin_rstd = TAKE(T);
-    size_t n_acts = cfg->recompute ? 1 : L;
+    size_t n_acts = cfg->recompute || forward_only ? 1 : L;
     m->acts = xcalloc(n_acts, sizeof *m->acts);
     FavorDims fd = favor_dims(cfg);
     char *ip = m->iarena;
@@ -253,18 +255,30 @@ int model_alloc(Model *m, const ModelConfig *cfg, ParamTable *table, size_t max_
         favor_cache_bind(&a->favor, &fd, T, B, fc, ip);
         ip += (favor_cache_ints_bytes(&fd, T, B) + 63) / 64 * 64;
     }
-    m->dx = TAKE(T * C);
-    m->dtmp = TAKE(T * C);
-    m->dln = TAKE(T * C);
-    m->dq = TAKE(T * HE);
-    m->dk = TAKE(T * HE);
-    m->dv = TAKE(T * HE);
-    m->dattn = TAKE(T * HE);
-    m->dff = TAKE(T * F);
-    m->favor_scratch = TAKE(favor_scratch_floats(&fd, max_cell_tokens));
+    if (!forward_only) {
+        m->dx = TAKE(T * C);
+        m->dtmp = TAKE(T * C);
+        m->dln = TAKE(T * C);
+        m->dq = TAKE(T * HE);
+        m->dk = TAKE(T * HE);
+        m->dv = TAKE(T * HE);
+        m->dattn = TAKE(T * HE);
+        m->dff = TAKE(T * F);
+        m->favor_scratch = TAKE(favor_scratch_floats(&fd, max_cell_tokens));
+    }
 #undef TAKE
     CHECK((size_t)(p - m->arena) == plan.floats, "internal: arena plan mismatch");
     return 0;
+}
+
+int model_alloc(Model *m, const ModelConfig *cfg, ParamTable *table, size_t max_tokens,
+                size_t max_cells, size_t max_cell_tokens) {
+    return alloc_model(m, cfg, table, max_tokens, max_cells, max_cell_tokens, 0);
+}
+
+int model_alloc_inference(Model *m, const ModelConfig *cfg, ParamTable *table, size_t max_tokens,
+                          size_t max_cells, size_t max_cell_tokens) {
+    return alloc_model(m, cfg, table, max_tokens, max_cells, max_cell_tokens, 1);
 }
 
 void model_free(Model *m) {
@@ -288,7 +302,9 @@ void model_init_params(Model *m, uint64_t seed) {
     memset(m->gene_emb + m->cfg.n_genes * m->cfg.dim, 0, m->cfg.dim * sizeof(float));
 }
 
-void model_zero_grad(Model *m) { memset(m->grads, 0, m->table.total * sizeof(float)); }
+void model_zero_grad(Model *m) {
+    if (m->grads) memset(m->grads, 0, m->table.total * sizeof(float));
+}
 
 // ---------------------------------------------------------------------------
 // Random features
@@ -463,12 +479,12 @@ void model_forward(Model *m, const TokenBatch *tb, const PassCtx *ctx) {
     const ModelConfig *c = &m->cfg;
     const size_t T = tb->n_tokens, C = c->dim;
     check_batch(m, tb);
+    const int one_set = c->recompute || m->forward_only;
     PROF_BEGIN(m);
     embedding_forward(m->x[0], tb->token, tb->gene, m->token_emb, m->gene_emb, T, C);
     dropout_cells(m->x[0], C, c->dropout_emb, tb, ctx, 0, SITE_EMB);
     PROF_END(m, prof_fwd, PROF_EMBED);
-    for (size_t l = 0; l < c->depth; l++)
-        block_forward(m, l, &m->acts[c->recompute ? 0 : l], tb, ctx);
+    for (size_t l = 0; l < c->depth; l++) block_forward(m, l, &m->acts[one_set ? 0 : l], tb, ctx);
     PROF_RESTART(m);
     layernorm_forward(m->hidden, m->fin_mean, m->fin_rstd, m->x[c->depth], m->norm_w, m->norm_b, T,
                       C);
@@ -478,6 +494,7 @@ void model_forward(Model *m, const TokenBatch *tb, const PassCtx *ctx) {
 void model_backward(Model *m, const TokenBatch *tb, const PassCtx *ctx, float *dhidden) {
     const ModelConfig *c = &m->cfg;
     const size_t T = tb->n_tokens, C = c->dim, L = c->depth;
+    CHECK(!m->forward_only, "internal: backward on a model allocated for inference");
     if (!m->any_trainable) return;
     // The lowest block backward must reach: all of them when the embeddings
     // learn, else the lowest block with trainable weights.

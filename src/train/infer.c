@@ -77,9 +77,9 @@ int infer_model_alloc(InferModel *im, size_t max_cells, size_t max_cell_nnz) {
         im->cls_cfg.pool_mean = strcmp(config_str(im->cfg, "finetune.pooling"), "mean") == 0;
         classifier_head_add(&t, &im->mc, &im->cls_cfg);
     }
-    im->mc.recompute = 1; // forward only: one layer's activations at a time (x[l] keeps every input)
     const size_t per_cell = tokens_cell_length(&im->mc, max_cell_nnz);
-    if (model_alloc(&im->model, &im->mc, &t, max_cells * per_cell, max_cells, per_cell) != 0) return -1;
+    if (model_alloc_inference(&im->model, &im->mc, &t, max_cells * per_cell, max_cells, per_cell) != 0)
+        return -1;
     size_t missing = 0, unused = 0;
     if (ckpt_copy_tensors(&im->ck, &im->model.table, im->model.params, &missing, &unused) != 0) return -1;
     if (missing) return error_set("%s lacks %zu tensors of its own model", im->path, missing);
