@@ -1,6 +1,7 @@
 // The encoder as a whole: tokenisation, masking rules, the MLM loss, packing
 // and micro-batch independence, recomputation, dropout keys, and a directional
 // finite-difference check of the full model.
+#include "perfcell/classifier.h"
 #include "perfcell/linalg.h"
 #include "perfcell/mlm.h"
 #include "perfcell/model.h"
@@ -408,6 +409,159 @@ static void test_directional_fd(SeqMode mode) {
     cellbatch_free(&cb);
 }
 
+// The classification heads against central differences (h = 1e-6) of an
+// independent double-precision implementation of the head and its
+// cross-entropy, for every head parameter and for the gradient the head hands
+// to the hidden states: scBERT's head (full mode, and nonzero mode with
+// positions at their gene slots) and the pooled head (mean and last). The
+// analytic side is float, so agreement is to ~1e-6; we require 1e-5 (L2).
+
+typedef struct {
+    ClsConfig cc;
+    size_t C, T_cell, B;
+    const TokenBatch *tb;
+    double *w[8];   // head parameters in table order
+    size_t n[8];
+    double *H;      // (T, C) hidden states
+} HeadRef;
+
+static double relu_d(double x) { return x > 0 ? x : 0; }
+
+static double head_ref_loss(const HeadRef *r) {
+    const size_t C = r->C, K = r->cc.n_classes, Hh = r->cc.hidden;
+    double loss = 0;
+    for (size_t b = 0; b < r->B; b++) {
+        size_t t0 = (size_t)r->tb->offset[b], t1 = (size_t)r->tb->offset[b + 1];
+        double z[8] = {0};
+        if (r->cc.kind == CLS_SCBERT) {
+            const size_t T = r->T_cell, F1 = CLS_SCBERT_FC1;
+            double *x = calloc(T, sizeof *x), *a1 = malloc(F1 * sizeof *a1), a2[64];
+            for (size_t t = t0; t < t1; t++) {
+                double s = r->w[1][0];
+                for (size_t k = 0; k < C; k++) s += r->H[t * C + k] * r->w[0][k];
+                x[r->tb->gene[t]] = relu_d(s);
+            }
+            for (size_t o = 0; o < F1; o++) {
+                double s = r->w[3][o];
+                for (size_t i = 0; i < T; i++) s += r->w[2][o * T + i] * x[i];
+                a1[o] = relu_d(s);
+            }
+            for (size_t o = 0; o < Hh; o++) {
+                double s = r->w[5][o];
+                for (size_t i = 0; i < F1; i++) s += r->w[4][o * F1 + i] * a1[i];
+                a2[o] = relu_d(s);
+            }
+            for (size_t o = 0; o < K; o++) {
+                z[o] = r->w[7][o];
+                for (size_t i = 0; i < Hh; i++) z[o] += r->w[6][o * Hh + i] * a2[i];
+            }
+            free(x), free(a1);
+        } else {
+            double p[64] = {0}, a1[64];
+            for (size_t k = 0; k < C; k++) {
+                if (r->cc.pool_mean) {
+                    for (size_t t = t0; t < t1; t++) p[k] += r->H[t * C + k];
+                    p[k] /= (double)(t1 - t0);
+                } else {
+                    p[k] = r->H[(t1 - 1) * C + k];
+                }
+            }
+            for (size_t o = 0; o < Hh; o++) {
+                double s = r->w[1][o];
+                for (size_t i = 0; i < C; i++) s += r->w[0][o * C + i] * p[i];
+                a1[o] = relu_d(s);
+            }
+            for (size_t o = 0; o < K; o++) {
+                z[o] = r->w[3][o];
+                for (size_t i = 0; i < Hh; i++) z[o] += r->w[2][o * Hh + i] * a1[i];
+            }
+        }
+        double mx = z[0], sum = 0;
+        for (size_t o = 1; o < K; o++) mx = z[o] > mx ? z[o] : mx;
+        for (size_t o = 0; o < K; o++) sum += exp(z[o] - mx);
+        loss += mx + log(sum) - z[r->tb->label[b]];
+    }
+    return loss / (double)r->B;
+}
+
+static double fd_vs(HeadRef *r, double *x, size_t n, const float *analytic) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) {
+        double keep = x[i], h = 1e-6;
+        x[i] = keep + h;
+        double lp = head_ref_loss(r);
+        x[i] = keep - h;
+        double lm = head_ref_loss(r);
+        x[i] = keep;
+        double g = (lp - lm) / (2 * h), d = g - (double)analytic[i];
+        num += d * d;
+        den += g * g;
+    }
+    return sqrt(num / (den > 1e-30 ? den : 1e-30));
+}
+
+static void test_classifier_heads(SeqMode mode, ClsKind kind, int pool_mean) {
+    ModelConfig cfg = tiny_config(mode, 0);
+    CellBatch cb;
+    cellbatch_init(&cb);
+    make_cells(&cb, 4, cfg.n_genes, 13, 0);
+    for (size_t i = 0; i < 4; i++) cb.label[i] = (int32_t)(i % 3);
+    ClsConfig cc = {kind, 3, 8, pool_mean};
+    ParamTable t;
+    param_table_init(&t);
+    model_table_add_encoder(&t, &cfg);
+    classifier_head_add(&t, &cfg, &cc);
+    Model m;
+    T_CHECK(model_alloc(&m, &cfg, &t, 4 * 31, 4, 31) == 0, "alloc");
+    model_init_params(&m, 8);
+    model_draw_features(&m, 8, 0);
+    Classifier cls;
+    classifier_init(&cls, &m, &cc);
+    TokenBatch tb;
+    tokenbatch_init(&tb);
+    tokens_from_cells(&tb, &cb, &cfg, 1, 0);
+    float logits[12], dlogits[12];
+    float *dh = floats_alloc(tb.n_tokens * cfg.dim);
+    PassCtx ctx = {1, 0, 0, 0};
+    model_zero_grad(&m);
+    model_forward(&m, &tb, &ctx);
+    classifier_forward(&cls, &m, &tb, logits);
+    double lf = classifier_loss(dlogits, logits, tb.label, 4, 3, NULL, 4.0, NULL);
+    classifier_backward(&cls, &m, &tb, dlogits, dh);
+
+    HeadRef r = {cc, cfg.dim, cfg.n_genes + 1, 4, &tb, {0}, {0}, NULL};
+    size_t nt = kind == CLS_SCBERT ? 8 : 4, first = m.table.n - nt;
+    for (size_t i = 0; i < nt; i++) {
+        const ParamEntry *e = &m.table.e[first + i];
+        r.n[i] = e->size;
+        r.w[i] = malloc(e->size * sizeof(double));
+        for (size_t j = 0; j < e->size; j++) r.w[i][j] = m.params[e->offset + j];
+    }
+    r.H = malloc(tb.n_tokens * cfg.dim * sizeof(double));
+    for (size_t j = 0; j < tb.n_tokens * cfg.dim; j++) r.H[j] = m.hidden[j];
+    const char *name = kind == CLS_SCBERT ? (mode == SEQ_FULL ? "scbert/full" : "scbert/nonzero")
+                                          : (pool_mean ? "pooled/mean" : "pooled/last");
+    double lr = head_ref_loss(&r);
+    T_CHECK(fabs(lr - lf) < 1e-5 * fabs(lr), "classifier %s: loss %.8f vs double reference %.8f", name, lf, lr);
+    double worst = 0;
+    const char *worst_t = "";
+    for (size_t i = 0; i < nt; i++) {
+        const ParamEntry *e = &m.table.e[first + i];
+        double err = fd_vs(&r, r.w[i], r.n[i], m.grads + e->offset);
+        T_CHECK(err < 1e-5, "classifier %s: gradient of %s vs finite differences: %.2e", name, e->name, err);
+        if (err > worst) worst = err, worst_t = e->name;
+    }
+    double eh = fd_vs(&r, r.H, tb.n_tokens * cfg.dim, dh);
+    T_CHECK(eh < 1e-5, "classifier %s: gradient of the hidden states vs finite differences: %.2e", name, eh);
+    printf("  classifier %-15s head tensors worst %.1e (%s), hidden states %.1e\n", name, worst, worst_t, eh);
+    for (size_t i = 0; i < nt; i++) free(r.w[i]);
+    free(r.H), free(dh);
+    classifier_free(&cls);
+    model_free(&m);
+    tokenbatch_free(&tb);
+    cellbatch_free(&cb);
+}
+
 int main(void) {
     test_tokens();
     test_masking();
@@ -418,5 +572,9 @@ int main(void) {
     test_recompute_and_dropout();
     test_directional_fd(SEQ_NONZERO);
     test_directional_fd(SEQ_FULL);
+    test_classifier_heads(SEQ_FULL, CLS_SCBERT, 0);
+    test_classifier_heads(SEQ_NONZERO, CLS_SCBERT, 0);
+    test_classifier_heads(SEQ_NONZERO, CLS_POOLED, 1);
+    test_classifier_heads(SEQ_NONZERO, CLS_POOLED, 0);
     return t_finish("test_model");
 }

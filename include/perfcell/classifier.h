@@ -1,10 +1,12 @@
 // Cell-type classification heads on the encoder's final hidden states.
 //
-// scBERT's head (full mode): Conv2d(1, 1, (1, C)) over each position (a dot
-// product with a C-vector plus a bias) -> ReLU -> Linear(T, 512) -> ReLU ->
-// Linear(512, hidden) -> ReLU -> Linear(hidden, classes), T = G + 1. Tensor
+// scBERT's head: Conv2d(1, 1, (1, C)) over each position (a dot product with a
+// C-vector plus a bias) -> ReLU -> Linear(T, 512) -> ReLU -> Linear(512,
+// hidden) -> ReLU -> Linear(hidden, classes), T = G + 1 gene slots. Tensor
 // names follow scBERT (to_out.conv1.*, to_out.fc1.*, to_out.fc2.*,
 // to_out.fc3.*); to_out.conv1.weight is stored (1, C) (torch: (1, 1, 1, C)).
+// In full mode this is scBERT's head exactly; in nonzero mode each position
+// goes to its gene's slot and the slots of absent genes are 0.
 //
 // Pooled head (any mode): mean or last-position pooling -> Linear(C, hidden)
 // -> ReLU -> Linear(hidden, classes), tensors cls.fc1.*, cls.fc2.*.

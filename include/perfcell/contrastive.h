@@ -69,6 +69,7 @@ typedef struct {
     int64_t z_mismatch;        // pass-2 z that differed from pass 1 (must stay 0)
     // Statistics of the last step (rank 0, broadcast).
     double loss, pos_sim, neg_sim, label_loss;
+    double coord_seconds;      // cumulative: gather, loss and scatter on the coordinator
 } Contrastive;
 
 // `cap_cells`: local cells per step at most; `cap_global`: cells in the

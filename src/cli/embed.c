@@ -22,7 +22,8 @@ static const char USAGE[] =
     "aligned to the model's vocabulary) to an .h5ad: obsm['X_perfcell'] holds the\n"
     "final hidden state at the last position (scBERT's cell position, default)\n"
     "or its mean over the cell's positions; obs holds the cell names, cell ids\n"
-    "and labels (when the input has them). Any pretraining or fine-tuning\n"
+    "and labels (when the input has them) and, for shard folders, the split\n"
+    "(train / validation) the checkpoint's pretraining held out. Any pretraining or fine-tuning\n"
     "checkpoint works. Open it with anndata.read_h5ad.\n";
 
 // An AnnData categorical column: codes (int16/int32) and categories.
@@ -77,7 +78,7 @@ static hid_t dict(hid_t loc, const char *name) {
 }
 
 static int write_h5ad(const char *path, const CellSource *src, const float *emb, size_t n, size_t C,
-                      const char *ckpt, const char *pooling) {
+                      const char *ckpt, const char *pooling, const int32_t *split) {
     hid_t f = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
     if (f < 0) return error_set_h5("cannot create '%s'", path);
     int rc = h5_set_encoding(f, "anndata", "0.1.0");
@@ -86,8 +87,12 @@ static int write_h5ad(const char *path, const CellSource *src, const float *emb,
     if (obs < 0 && rc == 0) rc = error_set_h5("%s: cannot create obs", path);
     if (rc == 0) rc = h5_set_encoding(obs, "dataframe", "0.2.0");
     if (rc == 0) rc = h5_attr_write_string(obs, "_index", "cell");
-    const char *cols[2] = {"cell_id", "label"};
-    if (rc == 0) rc = h5_attr_write_strings(obs, "column-order", cols, src->labels ? 2 : 1);
+    const char *cols[3];
+    size_t ncols = 0;
+    cols[ncols++] = "cell_id";
+    if (src->labels) cols[ncols++] = "label";
+    if (split) cols[ncols++] = "split";
+    if (rc == 0) rc = h5_attr_write_strings(obs, "column-order", cols, ncols);
     if (rc == 0) rc = h5_write_strings(obs, "cell", (const char *const *)src->names, n);
     if (rc == 0) {
         hid_t d = H5Dopen2(obs, "cell", H5P_DEFAULT);
@@ -101,6 +106,8 @@ static int write_h5ad(const char *path, const CellSource *src, const float *emb,
     free(ids);
     if (rc == 0 && src->labels)
         rc = write_categorical(obs, "label", src->labels, n, src->label_names, src->n_label_names);
+    char *split_names[2] = {"train", "validation"};
+    if (rc == 0 && split) rc = write_categorical(obs, "split", split, n, split_names, 2);
     if (obs >= 0) H5Gclose(obs);
     // var: no genes (the embedding is not per gene)
     hid_t var = rc == 0 ? H5Gcreate2(f, "var", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT) : -1;
@@ -228,7 +235,16 @@ int cmd_embed(int argc, char **argv) {
     char *tmp = xmalloc(plen);
     snprintf(tmp, plen, "%s.tmp.%ld", out, (long)getpid());
     error_cleanup_add(tmp);
-    CHECK_OK_HINT(write_h5ad(tmp, &src, emb, n_cells, C, im.path, pooling),
+    // For shard folders, the pretraining split of each cell (the same stable
+    // hash of the cell id the stream uses): embeddings of held-out cells.
+    int32_t *split = NULL;
+    if (src.is_shards) {
+        split = xmalloc((n_cells ? n_cells : 1) * sizeof *split);
+        double vf = config_float(im.cfg, "data.val_fraction");
+        uint64_t ss = (uint64_t)config_int(im.cfg, "data.split_seed");
+        for (size_t c = 0; c < n_cells; c++) split[c] = stream_is_validation(ss, vf, (int64_t)c);
+    }
+    CHECK_OK_HINT(write_h5ad(tmp, &src, emb, n_cells, C, im.path, pooling, split),
                   "check that the folder of --out exists, is writable and has space");
     if (path_fsync(tmp) != 0 || rename(tmp, out) != 0)
         DIE("cannot move '%s' to '%s': %s", tmp, out, strerror(errno));
@@ -236,6 +252,7 @@ int cmd_embed(int argc, char **argv) {
     double dt = time_now() - t0;
     log_info("embedded %zu cells (%zu dimensions, %s pooling) in %.1fs; wrote %s", n_cells, C, pooling, dt, out);
     free(emb);
+    free(split);
     free(tmp);
     cellbatch_free(&cb);
     tokenbatch_free(&tb);

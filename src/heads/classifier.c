@@ -86,13 +86,19 @@ void classifier_forward(Classifier *c, const Model *m, const TokenBatch *tb, flo
     CHECK(B <= c->max_cells, "internal: classifier batch too large");
     if (c->cfg.kind == CLS_SCBERT) {
         const size_t T = c->T_cell, F1 = CLS_SCBERT_FC1;
+        // Conv2d(1, 1, (1, C)): one dot product per position, placed at the
+        // position's gene slot (the last position at slot G). In full mode
+        // every slot is filled; in nonzero mode absent genes stay 0.
+        memset(c->x0, 0, B * T * sizeof *c->x0);
         for (size_t b = 0; b < B; b++) {
-            CHECK((size_t)(tb->offset[b + 1] - tb->offset[b]) == T,
-                  "internal: scBERT's head needs full-mode cells of %zu positions", T);
-            // Conv2d(1, 1, (1, C)): one dot product per position.
-            gemm(0, 1, T, 1, C, 1.0f, m->hidden + (size_t)tb->offset[b] * C, C, c->w[0], C, 0.0f,
-                 c->x0 + b * T, 1);
-            for (size_t t = 0; t < T; t++) c->x0[b * T + t] += c->w[1][0];
+            size_t t0 = (size_t)tb->offset[b], n = (size_t)tb->offset[b + 1] - t0;
+            const float *h = m->hidden + t0 * C;
+            float *x = c->x0 + b * T;
+            for (size_t t = 0; t < n; t++) {
+                float s = c->w[1][0];
+                for (size_t k = 0; k < C; k++) s += h[t * C + k] * c->w[0][k];
+                x[tb->gene[t0 + t]] = s;
+            }
         }
         relu(c->dx0, c->x0, B * T); // dx0 holds the ReLU output until backward
         linear_forward(c->a1, c->dx0, c->w[2], c->w[3], B, T, F1);
@@ -134,15 +140,21 @@ void classifier_backward(Classifier *c, Model *m, const TokenBatch *tb, const fl
         gemm(0, 0, B, T, F1, 1.0f, c->d1, F1, c->w[2], T, 0.0f, c->dx0, T);
         relu_backward(c->dx0, c->x0, B * T);
         for (size_t b = 0; b < B; b++) {
+            size_t t0 = (size_t)tb->offset[b], n = (size_t)tb->offset[b + 1] - t0;
             const float *ds = c->dx0 + b * T;
-            const float *h = m->hidden + (size_t)tb->offset[b] * C;
-            float *dh = dhidden + (size_t)tb->offset[b] * C;
+            const float *h = m->hidden + t0 * C;
+            float *dh = dhidden + t0 * C;
             // conv weight (1, C): Σ_t ds_t h_t; bias Σ_t ds_t; dh_t = ds_t w.
-            gemm(1, 0, 1, C, T, 1.0f, ds, 1, h, C, 1.0f, c->dw[0], C);
             double sb = 0.0;
-            for (size_t t = 0; t < T; t++) sb += ds[t];
+            for (size_t t = 0; t < n; t++) {
+                float g = ds[tb->gene[t0 + t]];
+                sb += g;
+                for (size_t k = 0; k < C; k++) {
+                    c->dw[0][k] += g * h[t * C + k];
+                    dh[t * C + k] = g * c->w[0][k];
+                }
+            }
             c->dw[1][0] += (float)sb;
-            gemm(0, 0, T, C, 1, 1.0f, ds, 1, c->w[0], C, 0.0f, dh, C);
         }
     } else {
         linear_backward(c->d1, c->dw[2], c->dw[3], dlogits, c->h1, c->w[2], B, Hh, K);

@@ -7,6 +7,7 @@
 #include "perfcell/log.h"
 #include "perfcell/tokens.h"
 #include "perfcell/train.h"
+#include "perfcell/util.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -339,6 +340,7 @@ double contrastive_step_keys(Contrastive *c, Model *m, const TokenBatch *mbs, si
     }
 
     // The coordinator's loss over the global batch.
+    double t_coord = time_now();
     int n_me = (int)(n_local * D);
     CHECK_MPI(MPI_Allgather(&n_me, 1, MPI_INT, c->counts, 1, MPI_INT, c->comm));
     int64_t total = 0;
@@ -364,6 +366,7 @@ double contrastive_step_keys(Contrastive *c, Model *m, const TokenBatch *mbs, si
     CHECK_MPI(MPI_Scatterv(c->all_ga, c->counts, c->displs, MPI_FLOAT, c->ga, n_me, MPI_FLOAT, 0, c->comm));
     CHECK_MPI(MPI_Scatterv(c->all_gb, c->counts, c->displs, MPI_FLOAT, c->gb, n_me, MPI_FLOAT, 0, c->comm));
     CHECK_MPI(MPI_Bcast(stats, 3, MPI_DOUBLE, 0, c->comm));
+    c->coord_seconds += time_now() - t_coord;
     c->loss = stats[0];
     c->pos_sim = stats[1];
     c->neg_sim = stats[2];

@@ -30,7 +30,8 @@ static const char USAGE[] =
     "Fine-tunes a pretrained model to annotate cell types from the shards' label\n"
     "column. Heads: scBERT's (full mode) or a pooled MLP (finetune.head);\n"
     "freezing: scBERT's policy (final norm, second-to-last block and head train),\n"
-    "none, or all (head only) (finetune.freeze). Early stopping on validation\n"
+    "none, embeddings (all but the gene and token embeddings train), or all (head\n"
+    "only) (finetune.freeze). Early stopping on validation\n"
     "macro-F1. Writes RUN_DIR/best/ (the best model, for `perfcell predict`),\n"
     "RUN_DIR/report_val.{tsv,svg} and, with a test split, RUN_DIR/report_test.*\n";
 
@@ -185,8 +186,11 @@ static void apply_freeze(ParamTable *t, const ModelConfig *mc, const char *polic
         ParamEntry *e = &t->e[i];
         int head = strncmp(e->name, "to_out.", 7) == 0 || strncmp(e->name, "cls.", 4) == 0;
         if (head) continue;
+        int emb = strcmp(e->name, "pos_emb.emb.weight") == 0 || strcmp(e->name, "token_emb.weight") == 0;
         if (strcmp(policy, "all") == 0) {
             e->trainable = 0;
+        } else if (strcmp(policy, "embeddings") == 0) {
+            e->trainable = !emb;
         } else if (strcmp(policy, "scbert") == 0) {
             e->trainable = strncmp(e->name, "norm.", 5) == 0 || strncmp(e->name, keep, strlen(keep)) == 0;
         } else if (strcmp(e->name, "pos_emb.emb.weight") == 0) {
@@ -229,9 +233,6 @@ int cmd_finetune(int argc, char **argv) {
     cc.kind = strcmp(head, "pooled") == 0 || (strcmp(head, "auto") == 0 && mc.mode == SEQ_NONZERO)
                   ? CLS_POOLED
                   : CLS_SCBERT;
-    if (cc.kind == CLS_SCBERT && mc.mode != SEQ_FULL)
-        DIE_HINT("use finetune.head = pooled (or auto) in nonzero mode",
-                 "scBERT's head reads every gene position: it needs data.mode = full");
     cc.n_classes = K;
     cc.hidden = (size_t)config_int(cfg, "finetune.hidden");
     cc.pool_mean = strcmp(config_str(cfg, "finetune.pooling"), "mean") == 0;

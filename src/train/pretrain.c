@@ -269,7 +269,7 @@ int cmd_pretrain(int argc, char **argv) {
                      "%.1f cells/s | %.3g tokens/s | ETA %s",
                      (long long)t.step, (long long)max_steps, (long long)(spe ? (t.step - 1) / spe : 0),
                      loss, acc, cl, lr, gnorm, cps, tps, eta);
-            char js[400];
+            char js[512];
             snprintf(js, sizeof js,
                      "\"loss\":%.6f,\"acc\":%.6f,\"lr\":%.6e,\"grad_norm\":%.6g,\"cells_per_s\":%.3f,"
                      "\"tokens_per_s\":%.1f,\"step_s\":%.4f,\"allreduce_s\":%.4f,\"cells_seen\":%lld%s",
@@ -277,7 +277,8 @@ int cmd_pretrain(int argc, char **argv) {
                      t.sync.seconds, (long long)t.cells_seen, "");
             if (cc.weight > 0) {
                 size_t l = strlen(js);
-                snprintf(js + l, sizeof js - l, ",\"contrastive_loss\":%.6f", out[4] / t.size);
+                snprintf(js + l, sizeof js - l, ",\"contrastive_loss\":%.6f,\"contrastive_coord_s\":%.4f",
+                         out[4] / t.size, con.coord_seconds);
             }
             trainer_metrics_write(&t, js);
             memset(win, 0, sizeof win);
@@ -313,9 +314,15 @@ int cmd_pretrain(int argc, char **argv) {
         if (cc.weight > 0) contrastive_validate(&con, &t, &mc, &vtb);
         if (last_ckpt_step != t.step) trainer_checkpoint(&t, NULL, 0);
     }
-    char dur[32];
-    log_info("done: step %lld, %lld cells seen, %s of training", (long long)t.step,
-             (long long)t.cells_seen, fmt_duration(t.train_seconds, dur));
+    char dur[32], rss[32];
+    double my_rss = (double)mem_peak_rss(), max_rss = 0;
+    CHECK_MPI(MPI_Reduce(&my_rss, &max_rss, 1, MPI_DOUBLE, MPI_MAX, 0, MPI_COMM_WORLD));
+    log_info("done: step %lld, %lld cells seen, %s of training, peak RSS per rank %s (largest)",
+             (long long)t.step, (long long)t.cells_seen, fmt_duration(t.train_seconds, dur),
+             fmt_bytes(max_rss, rss));
+    char js[64];
+    snprintf(js, sizeof js, "\"peak_rss_bytes\":%.0f", max_rss);
+    trainer_metrics_write(&t, js);
 
     if (cc.weight > 0) contrastive_free(&con);
     for (size_t i = 0; i < local_mb; i++) {

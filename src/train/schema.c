@@ -85,7 +85,7 @@ const ConfigKey TRAIN_SCHEMA[] = {
     {"finetune.head", CFG_CHOICE, "auto", NOR, "auto|scbert|pooled", "finetune: scBERT's conv head (full mode) or pooled MLP"},
     {"finetune.pooling", CFG_CHOICE, "mean", NOR, "mean|last", "finetune: pooling of the pooled head"},
     {"finetune.hidden", CFG_INT, "128", 1, 1e5, NULL, "finetune: hidden width of the pooled head"},
-    {"finetune.freeze", CFG_CHOICE, "scbert", NOR, "scbert|none|all", "finetune: scBERT's policy, train all (none frozen), or head only (all frozen)"},
+    {"finetune.freeze", CFG_CHOICE, "scbert", NOR, "scbert|none|embeddings|all", "finetune: scBERT's policy, train all (none), all but the embeddings, or the head only (all)"},
     {"finetune.val_fraction", CFG_FLOAT, "0.2", 0.01, 0.9, NULL, "finetune: stratified validation share"},
     {"finetune.epochs", CFG_INT, "10", 1, 1e6, NULL, "finetune: epochs at most"},
     {"finetune.patience", CFG_INT, "3", 0, 1e6, NULL, "finetune: epochs without a better validation macro-F1 before stopping (0: none)"},
