@@ -404,6 +404,7 @@ int cmd_finetune(int argc, char **argv) {
     const double start = time_now();
     double last_ckpt = start;
     const int64_t ckpt_every = config_int(cfg, "checkpoint.every_steps");
+    const int64_t log_every = config_int(cfg, "run.log_every");
     int64_t *perm = xmalloc(train.n * sizeof *perm);
     CellBatch *cbs = xcalloc(local_mb, sizeof *cbs);
     TokenBatch *tbs = xcalloc(local_mb, sizeof *tbs);
@@ -461,6 +462,10 @@ int cmd_finetune(int argc, char **argv) {
             ep_loss += out[0];
             ep_n += 1;
             ep_hit += out[1];
+            if (t.step % log_every == 0)
+                log_info("step %lld (epoch %lld, %lld/%lld) | loss %.4f | acc %.4f | lr %.2e", (long long)t.step,
+                         (long long)epoch, (long long)(t.cursor[1] + 1), (long long)steps_per_epoch, out[0],
+                         out[1] / (double)G, lr);
             t.cells_seen += (int64_t)G;
             t.cursor[1]++;
             StepFlags f = trainer_step_flags(&t, &last_ckpt, start);
