@@ -369,9 +369,13 @@ int cmd_finetune(int argc, char **argv) {
     x.logits = floats_alloc(b * K);
     x.dlogits = floats_alloc(b * K);
     x.dhidden = floats_alloc(b * per_cell * mc.dim);
+    // The best model so far: parameters and the random features they were
+    // trained with (features are redrawn during training).
     const size_t P = t.model.table.total;
-    float *best = floats_alloc(P);
+    const size_t NP = mc.depth * mc.n_features * mc.dim_head;
+    float *best = floats_alloc(P), *best_proj = floats_alloc(NP);
     memcpy(best, t.model.params, P * sizeof *best);
+    memcpy(best_proj, t.model.proj, NP * sizeof *best_proj);
     // cursor: epoch, step in epoch, best macro-F1 (x 1e6), epochs without improvement
     double best_f1 = resumed ? (double)t.cursor[2] / 1e6 : -1.0;
     int64_t bad_epochs = resumed ? t.cursor[3] : 0;
@@ -387,12 +391,14 @@ int cmd_finetune(int argc, char **argv) {
             CkptState s;
             memset(&s, 0, sizeof s);
             good = bp && ckpt_read(bp, &s) == 0 && ckpt_copy_tensors(&s, &t.model.table, best, NULL, NULL) == 0;
+            if (good && s.proj) memcpy(best_proj, s.proj, NP * sizeof *best_proj);
             if (bp) ckpt_state_free(&s);
             free(bp);
         }
         CHECK_MPI(MPI_Bcast(&good, 1, MPI_INT, 0, MPI_COMM_WORLD));
         if (!good) DIE("cannot read the best checkpoint in %s", best_dir);
         CHECK_MPI(MPI_Bcast(best, (int)P, MPI_FLOAT, 0, MPI_COMM_WORLD));
+        CHECK_MPI(MPI_Bcast(best_proj, (int)NP, MPI_FLOAT, 0, MPI_COMM_WORLD));
     }
 
     log_info("finetune: %zu classes, cells: %zu train, %zu validation, %zu test; head %s, freeze %s, "
@@ -492,6 +498,7 @@ int cmd_finetune(int argc, char **argv) {
             best_f1 = f1;
             bad_epochs = 0;
             memcpy(best, t.model.params, P * sizeof *best);
+            memcpy(best_proj, t.model.proj, NP * sizeof *best_proj);
         } else {
             bad_epochs++;
         }
@@ -524,6 +531,7 @@ int cmd_finetune(int argc, char **argv) {
     if (!stop) {
         // The best model on the validation and test cells.
         memcpy(t.model.params, best, P * sizeof *best);
+        memcpy(t.model.proj, best_proj, NP * sizeof *best_proj);
         const IdList *sets[2] = {&val, &test};
         const char *names[2] = {"validation", "test"}, *files[2] = {"report_val", "report_test"};
         for (int i = 0; i < 2; i++) {
@@ -560,7 +568,7 @@ int cmd_finetune(int argc, char **argv) {
     classifier_free(&cls);
     cellbatch_free(&x.cb);
     tokenbatch_free(&x.tb);
-    free(x.logits), free(x.dlogits), free(x.dhidden), free(best), free(best_dir), free(perm), free(pidx);
+    free(x.logits), free(x.dlogits), free(x.dhidden), free(best), free(best_proj), free(best_dir), free(perm), free(pidx);
     free(train.id), free(val.id), free(test.id), free(cw), free(per_class);
     shard_reader_close(reader);
     t.labels = NULL; // borrowed from the manifest

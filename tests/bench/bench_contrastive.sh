@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# CellLM contrastive pretraining on pbmc3k, 2 ranks:
+#   1. time per step of MLM + contrastive against MLM alone at the same global
+#      batch, and the coordinator's share (gather, loss, scatter on rank 0);
+#   2. memory: peak RSS per rank with global batches of 64 and 1024 cells at a
+#      fixed sub-batch, against the z the ranks store;
+#   3. embeddings: how well validation-cell embeddings separate the labelled
+#      cell types (kNN accuracy, silhouette) at random initialisation, after
+#      MLM pretraining and after MLM + contrastive pretraining of the same
+#      length.
+#
+#   bash tests/bench/bench_contrastive.sh     (STEPS may be set)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+BIN=${BIN:-bin} PYTHON=${PYTHON:-/usr/bin/python3}
+DATA=${DATA:-$PWD/../shared/data}
+STEPS=${STEPS:-20}
+QSTEPS=${QSTEPS:-150}
+MPIRUN=${MPIRUN:-mpirun --oversubscribe --bind-to none}
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OPENBLAS_NUM_THREADS=1
+export HDF5_PLUGIN_PATH=$PWD/lib/hdf5-plugin
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/bench_contrastive.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+"$BIN/perfcell-shard" vocab "$DATA/pbmc3k/pbmc3k_counts.h5ad" --out "$WORK/vocab.tsv" >/dev/null
+"$BIN/perfcell-shard" build "$DATA/pbmc3k/pbmc3k_counts.h5ad" --vocab "$WORK/vocab.tsv" --out "$WORK/shards" \
+  --label-key celltype >/dev/null
+common=(--config configs/pbmc_demo.ini data.shards="$WORK/shards" run.val_every=0 checkpoint.every_steps=0
+  model.dropout_emb=0.1 model.dropout_attn=0.1 model.dropout_ff=0.1)
+con=(contrastive.weight=0.5 contrastive.sub_batch=8 contrastive.proj_dim=64 contrastive.proj_hidden=128)
+
+echo "1. Step time at global batch 32 (2 ranks x 2 micro-batches x 8 cells), $STEPS steps:"
+for kind in mlm contrastive; do
+  extra=()
+  [ "$kind" = contrastive ] && extra=("${con[@]}")
+  $MPIRUN -np 2 "$BIN/perfcell" pretrain "${common[@]}" run.dir="$WORK/t-$kind" run.max_steps="$STEPS" \
+    run.log_every="$STEPS" "${extra[@]}" >/dev/null
+done
+"$PYTHON" - "$WORK" "$STEPS" <<'PY'
+import json, sys
+w, steps = sys.argv[1], int(sys.argv[2])
+r = {k: [json.loads(l) for l in open(f"{w}/t-{k}/metrics.jsonl") if "step_s" in l][-1] for k in ("mlm", "contrastive")}
+m, c = r["mlm"]["step_s"], r["contrastive"]["step_s"]
+coord = r["contrastive"].get("contrastive_coord_s", 0) / steps
+print(f"  MLM alone            {m:.3f} s/step")
+print(f"  MLM + contrastive    {c:.3f} s/step  ({c / m:.2f}x; target <= 1.5x)")
+print(f"  coordinator (gather, loss, scatter) {coord * 1e3:.2f} ms/step = {coord / c:.2%} of the step")
+PY
+
+echo
+echo "2. Peak RSS per rank, sub-batch 8, 2 steps, 2 ranks:"
+for G in 64 1024; do
+  $MPIRUN -np 2 "$BIN/perfcell" pretrain "${common[@]}" "${con[@]}" run.dir="$WORK/m$G" run.max_steps=2 \
+    run.log_every=1 batch.micro_batch=8 batch.global_batch="$G" >/dev/null
+done
+"$PYTHON" - "$WORK" <<'PY'
+import json, sys
+w = sys.argv[1]
+rss = {}
+for G in (64, 1024):
+    rss[G] = [json.loads(l) for l in open(f"{w}/m{G}/metrics.jsonl") if "peak_rss_bytes" in l][-1]["peak_rss_bytes"]
+D = 64
+# z stored per step: each rank keeps za, zb, ga, gb (local cells x D); rank 0
+# also holds them for the whole global batch (4 x G x D floats).
+def z_bytes(G):
+    return 4 * (G // 2) * D * 4 + 4 * G * D * 4
+for G in (64, 1024):
+    print(f"  global batch {G:>5}: peak RSS (largest rank) {rss[G] / 2**20:8.1f} MiB; z stored on rank 0 {z_bytes(G) / 2**20:.2f} MiB")
+growth = rss[1024] - rss[64]
+print(f"  growth {growth / 2**20:.1f} MiB; z growth {(z_bytes(1024) - z_bytes(64)) / 2**20:.2f} MiB "
+      f"(plus the step's input cells, tokenised: both passes read them)")
+PY
+
+echo
+echo "3. Validation-cell embeddings ($QSTEPS steps of pretraining, last-position pooling):"
+for kind in mlm contrastive; do
+  extra=()
+  [ "$kind" = contrastive ] && extra=("${con[@]}")
+  $MPIRUN -np 2 "$BIN/perfcell" pretrain "${common[@]}" run.dir="$WORK/q-$kind" run.max_steps="$QSTEPS" \
+    run.log_every="$QSTEPS" checkpoint.every_steps="$QSTEPS" "${extra[@]}" >/dev/null
+  "$BIN/perfcell" embed --checkpoint "$WORK/q-$kind/checkpoints" --input "$WORK/shards" --out "$WORK/$kind.h5ad" >/dev/null
+done
+$MPIRUN -np 1 "$BIN/perfcell" pretrain "${common[@]}" "${con[@]}" run.dir="$WORK/q-init" run.max_steps=1 \
+  optim.lr=0 run.log_every=1 checkpoint.every_steps=1 >/dev/null
+"$BIN/perfcell" embed --checkpoint "$WORK/q-init/checkpoints" --input "$WORK/shards" --out "$WORK/init.h5ad" >/dev/null
+"$PYTHON" tools/embedding_quality.py "random initialisation=$WORK/init.h5ad" "MLM pretraining=$WORK/mlm.h5ad" \
+  "MLM + contrastive=$WORK/contrastive.h5ad" | sed 's/^/  /'
