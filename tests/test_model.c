@@ -456,6 +456,19 @@ static double head_ref_loss(const HeadRef *r) {
                 for (size_t i = 0; i < Hh; i++) z[o] += r->w[6][o * Hh + i] * a2[i];
             }
             free(x), free(a1);
+        } else if (r->cc.kind == CLS_LINEAR) {
+            const size_t T = r->T_cell;
+            double *x = calloc(T, sizeof *x);
+            for (size_t t = t0; t < t1; t++) {
+                double s = r->w[1][0];
+                for (size_t k = 0; k < C; k++) s += r->H[t * C + k] * r->w[0][k];
+                x[r->tb->gene[t]] = relu_d(s);
+            }
+            for (size_t o = 0; o < K; o++) {
+                z[o] = r->w[3][o];
+                for (size_t i = 0; i < T; i++) z[o] += r->w[2][o * T + i] * x[i];
+            }
+            free(x);
         } else {
             double p[64] = {0}, a1[64];
             for (size_t k = 0; k < C; k++) {
@@ -530,7 +543,7 @@ static void test_classifier_heads(SeqMode mode, ClsKind kind, int pool_mean) {
     classifier_backward(&cls, &m, &tb, dlogits, dh);
 
     HeadRef r = {cc, cfg.dim, cfg.n_genes + 1, 4, &tb, {0}, {0}, NULL};
-    size_t nt = kind == CLS_SCBERT ? 8 : 4, first = m.table.n - nt;
+    size_t nt = cls_tensor_count(kind), first = m.table.n - nt;
     for (size_t i = 0; i < nt; i++) {
         const ParamEntry *e = &m.table.e[first + i];
         r.n[i] = e->size;
@@ -539,8 +552,9 @@ static void test_classifier_heads(SeqMode mode, ClsKind kind, int pool_mean) {
     }
     r.H = malloc(tb.n_tokens * cfg.dim * sizeof(double));
     for (size_t j = 0; j < tb.n_tokens * cfg.dim; j++) r.H[j] = m.hidden[j];
-    const char *name = kind == CLS_SCBERT ? (mode == SEQ_FULL ? "scbert/full" : "scbert/nonzero")
-                                          : (pool_mean ? "pooled/mean" : "pooled/last");
+    const char *name = kind == CLS_SCBERT   ? (mode == SEQ_FULL ? "scbert/full" : "scbert/nonzero")
+                       : kind == CLS_LINEAR ? (mode == SEQ_FULL ? "linear/full" : "linear/nonzero")
+                                            : (pool_mean ? "pooled/mean" : "pooled/last");
     double lr = head_ref_loss(&r);
     T_CHECK(fabs(lr - lf) < 1e-5 * fabs(lr), "classifier %s: loss %.8f vs double reference %.8f", name, lf, lr);
     double worst = 0;
@@ -576,5 +590,7 @@ int main(void) {
     test_classifier_heads(SEQ_NONZERO, CLS_SCBERT, 0);
     test_classifier_heads(SEQ_NONZERO, CLS_POOLED, 1);
     test_classifier_heads(SEQ_NONZERO, CLS_POOLED, 0);
+    test_classifier_heads(SEQ_FULL, CLS_LINEAR, 0);
+    test_classifier_heads(SEQ_NONZERO, CLS_LINEAR, 0);
     return t_finish("test_model");
 }

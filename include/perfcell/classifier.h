@@ -8,6 +8,11 @@
 // In full mode this is scBERT's head exactly; in nonzero mode each position
 // goes to its gene's slot and the slots of absent genes are 0.
 //
+// Linear head (any mode): the same per-position projection at gene slots and
+// ReLU, then one Linear(G + 1, classes) (tensors cls.slot.*, cls.fc.*): a
+// logistic regression over learned per-gene features, which regularises well
+// on small labelled sets.
+//
 // Pooled head (any mode): mean or last-position pooling -> Linear(C, hidden)
 // -> ReLU -> Linear(hidden, classes), tensors cls.fc1.*, cls.fc2.*.
 #ifndef PERFCELL_CLASSIFIER_H
@@ -15,7 +20,7 @@
 
 #include "perfcell/model.h"
 
-typedef enum { CLS_SCBERT = 0, CLS_POOLED = 1 } ClsKind;
+typedef enum { CLS_SCBERT = 0, CLS_POOLED = 1, CLS_LINEAR = 2 } ClsKind;
 
 typedef struct {
     ClsKind kind;
@@ -27,6 +32,11 @@ typedef struct {
 #define CLS_SCBERT_FC1 512
 
 void classifier_head_add(ParamTable *t, const ModelConfig *mc, const ClsConfig *cc);
+// The head of a finetune.head value: "scbert", "linear", "pooled", or "auto"
+// (scBERT's in full mode, linear in nonzero mode).
+ClsKind cls_kind_of(const char *name, SeqMode mode);
+// Number of tensors of a head.
+size_t cls_tensor_count(ClsKind kind);
 
 typedef struct {
     ClsConfig cfg;

@@ -14,6 +14,60 @@ static const char *const SCBERT_NAMES[8] = {
     "to_out.fc2.weight",   "to_out.fc2.bias",   "to_out.fc3.weight", "to_out.fc3.bias"};
 static const char *const POOLED_NAMES[4] = {"cls.fc1.weight", "cls.fc1.bias", "cls.fc2.weight",
                                             "cls.fc2.bias"};
+static const char *const LINEAR_NAMES[4] = {"cls.slot.weight", "cls.slot.bias", "cls.fc.weight",
+                                            "cls.fc.bias"};
+
+static const char *tensor_name(ClsKind k, size_t i) {
+    return k == CLS_SCBERT ? SCBERT_NAMES[i] : k == CLS_LINEAR ? LINEAR_NAMES[i] : POOLED_NAMES[i];
+}
+
+// Per-position projection at gene slots: x[b, gene_t] = w·h_t + bias; slots of
+// absent genes (nonzero mode) are 0.
+static void slots_forward(float *x0, const float *w, float bias, const Model *m, const TokenBatch *tb,
+                          size_t T, size_t C) {
+    memset(x0, 0, tb->n_cells * T * sizeof *x0);
+    for (size_t b = 0; b < tb->n_cells; b++) {
+        size_t t0 = (size_t)tb->offset[b], n = (size_t)tb->offset[b + 1] - t0;
+        const float *h = m->hidden + t0 * C;
+        float *x = x0 + b * T;
+        for (size_t t = 0; t < n; t++) {
+            float s = bias;
+            for (size_t k = 0; k < C; k++) s += h[t * C + k] * w[k];
+            x[tb->gene[t0 + t]] = s;
+        }
+    }
+}
+
+// From the gradient of the slots ds (B, T): the projection's gradients and
+// dhidden (overwritten at every position).
+static void slots_backward(float *dhidden, float *dw, float *db, const float *ds, const float *w,
+                           const Model *m, const TokenBatch *tb, size_t T, size_t C) {
+    for (size_t b = 0; b < tb->n_cells; b++) {
+        size_t t0 = (size_t)tb->offset[b], n = (size_t)tb->offset[b + 1] - t0;
+        const float *g = ds + b * T;
+        const float *h = m->hidden + t0 * C;
+        float *dh = dhidden + t0 * C;
+        double sb = 0.0;
+        for (size_t t = 0; t < n; t++) {
+            float gt = g[tb->gene[t0 + t]];
+            sb += gt;
+            for (size_t k = 0; k < C; k++) {
+                if (dw) dw[k] += gt * h[t * C + k];
+                dh[t * C + k] = gt * w[k];
+            }
+        }
+        if (db) db[0] += (float)sb;
+    }
+}
+
+ClsKind cls_kind_of(const char *name, SeqMode mode) {
+    if (strcmp(name, "scbert") == 0) return CLS_SCBERT;
+    if (strcmp(name, "linear") == 0) return CLS_LINEAR;
+    if (strcmp(name, "pooled") == 0) return CLS_POOLED;
+    return mode == SEQ_FULL ? CLS_SCBERT : CLS_LINEAR;
+}
+
+size_t cls_tensor_count(ClsKind kind) { return kind == CLS_SCBERT ? 8 : 4; }
 
 void classifier_head_add(ParamTable *t, const ModelConfig *mc, const ClsConfig *cc) {
     const size_t C = mc->dim, K = cc->n_classes, Hh = cc->hidden;
@@ -29,6 +83,13 @@ void classifier_head_add(ParamTable *t, const ModelConfig *mc, const ClsConfig *
         param_table_add(t, SCBERT_NAMES[5], 1, Hh, 0, 1, 0, INIT_UNIFORM, u1);
         param_table_add(t, SCBERT_NAMES[6], 2, K, Hh, 1, 1, INIT_UNIFORM, u2);
         param_table_add(t, SCBERT_NAMES[7], 1, K, 0, 1, 0, INIT_UNIFORM, u2);
+    } else if (cc->kind == CLS_LINEAR) {
+        const size_t T = mc->n_genes + 1;
+        const float uc = 1.0f / sqrtf((float)C), ut = 1.0f / sqrtf((float)T);
+        param_table_add(t, LINEAR_NAMES[0], 2, 1, C, 1, 1, INIT_UNIFORM, uc);
+        param_table_add(t, LINEAR_NAMES[1], 1, 1, 0, 1, 0, INIT_UNIFORM, uc);
+        param_table_add(t, LINEAR_NAMES[2], 2, K, T, 1, 1, INIT_UNIFORM, ut);
+        param_table_add(t, LINEAR_NAMES[3], 1, K, 0, 1, 0, INIT_UNIFORM, ut);
     } else {
         const float uc = 1.0f / sqrtf((float)C), u2 = 1.0f / sqrtf((float)Hh);
         param_table_add(t, POOLED_NAMES[0], 2, Hh, C, 1, 1, INIT_UNIFORM, uc);
@@ -44,16 +105,16 @@ void classifier_init(Classifier *c, const Model *m, const ClsConfig *cfg) {
     c->C = m->cfg.dim;
     c->T_cell = m->cfg.n_genes + 1;
     c->max_cells = m->max_cells;
-    size_t n = cfg->kind == CLS_SCBERT ? 8 : 4;
+    size_t n = cls_tensor_count(cfg->kind);
     for (size_t i = 0; i < n; i++) {
-        const char *name = cfg->kind == CLS_SCBERT ? SCBERT_NAMES[i] : POOLED_NAMES[i];
+        const char *name = tensor_name(cfg->kind, i);
         const ParamEntry *e = param_table_find(&m->table, name);
         CHECK(e, "internal: classifier tensor %s missing", name);
         c->w[i] = m->params + e->offset;
         c->dw[i] = m->grads ? m->grads + e->offset : NULL; // NULL: an inference model
     }
     const size_t B = m->max_cells;
-    const size_t W0 = cfg->kind == CLS_SCBERT ? c->T_cell : c->C;
+    const size_t W0 = cfg->kind == CLS_POOLED ? c->C : c->T_cell;
     const size_t W1 = cfg->kind == CLS_SCBERT ? CLS_SCBERT_FC1 : cfg->hidden;
     const size_t W2 = cfg->kind == CLS_SCBERT ? cfg->hidden : 1;
     c->x0 = floats_alloc(B * W0);
@@ -89,23 +150,18 @@ void classifier_forward(Classifier *c, const Model *m, const TokenBatch *tb, flo
         // Conv2d(1, 1, (1, C)): one dot product per position, placed at the
         // position's gene slot (the last position at slot G). In full mode
         // every slot is filled; in nonzero mode absent genes stay 0.
-        memset(c->x0, 0, B * T * sizeof *c->x0);
-        for (size_t b = 0; b < B; b++) {
-            size_t t0 = (size_t)tb->offset[b], n = (size_t)tb->offset[b + 1] - t0;
-            const float *h = m->hidden + t0 * C;
-            float *x = c->x0 + b * T;
-            for (size_t t = 0; t < n; t++) {
-                float s = c->w[1][0];
-                for (size_t k = 0; k < C; k++) s += h[t * C + k] * c->w[0][k];
-                x[tb->gene[t0 + t]] = s;
-            }
-        }
+        slots_forward(c->x0, c->w[0], c->w[1][0], m, tb, T, C);
         relu(c->dx0, c->x0, B * T); // dx0 holds the ReLU output until backward
         linear_forward(c->a1, c->dx0, c->w[2], c->w[3], B, T, F1);
         relu(c->h1, c->a1, B * F1);
         linear_forward(c->a2, c->h1, c->w[4], c->w[5], B, F1, Hh);
         relu(c->h2, c->a2, B * Hh);
         linear_forward(logits, c->h2, c->w[6], c->w[7], B, Hh, K);
+    } else if (c->cfg.kind == CLS_LINEAR) {
+        const size_t T = c->T_cell;
+        slots_forward(c->x0, c->w[0], c->w[1][0], m, tb, T, C);
+        relu(c->dx0, c->x0, B * T); // dx0 holds the ReLU output until backward
+        linear_forward(logits, c->dx0, c->w[2], c->w[3], B, T, K);
     } else {
         for (size_t b = 0; b < B; b++) {
             size_t t0 = (size_t)tb->offset[b], t1 = (size_t)tb->offset[b + 1];
@@ -139,23 +195,13 @@ void classifier_backward(Classifier *c, Model *m, const TokenBatch *tb, const fl
         linear_backward(NULL, c->dw[2], c->dw[3], c->d1, c->dx0, c->w[2], B, T, F1);
         gemm(0, 0, B, T, F1, 1.0f, c->d1, F1, c->w[2], T, 0.0f, c->dx0, T);
         relu_backward(c->dx0, c->x0, B * T);
-        for (size_t b = 0; b < B; b++) {
-            size_t t0 = (size_t)tb->offset[b], n = (size_t)tb->offset[b + 1] - t0;
-            const float *ds = c->dx0 + b * T;
-            const float *h = m->hidden + t0 * C;
-            float *dh = dhidden + t0 * C;
-            // conv weight (1, C): Σ_t ds_t h_t; bias Σ_t ds_t; dh_t = ds_t w.
-            double sb = 0.0;
-            for (size_t t = 0; t < n; t++) {
-                float g = ds[tb->gene[t0 + t]];
-                sb += g;
-                for (size_t k = 0; k < C; k++) {
-                    c->dw[0][k] += g * h[t * C + k];
-                    dh[t * C + k] = g * c->w[0][k];
-                }
-            }
-            c->dw[1][0] += (float)sb;
-        }
+        slots_backward(dhidden, c->dw[0], c->dw[1], c->dx0, c->w[0], m, tb, T, C);
+    } else if (c->cfg.kind == CLS_LINEAR) {
+        const size_t T = c->T_cell;
+        linear_backward(NULL, c->dw[2], c->dw[3], dlogits, c->dx0, c->w[2], B, T, K);
+        gemm(0, 0, B, T, K, 1.0f, dlogits, K, c->w[2], T, 0.0f, c->dx0, T);
+        relu_backward(c->dx0, c->x0, B * T);
+        slots_backward(dhidden, c->dw[0], c->dw[1], c->dx0, c->w[0], m, tb, T, C);
     } else {
         linear_backward(c->d1, c->dw[2], c->dw[3], dlogits, c->h1, c->w[2], B, Hh, K);
         relu_backward(c->d1, c->a1, B * Hh);

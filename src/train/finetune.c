@@ -230,9 +230,7 @@ int cmd_finetune(int argc, char **argv) {
         DIE_HINT("check the [model] section", "%s", error_last());
     ClsConfig cc = {0};
     const char *head = config_str(cfg, "finetune.head");
-    cc.kind = strcmp(head, "pooled") == 0 || (strcmp(head, "auto") == 0 && mc.mode == SEQ_NONZERO)
-                  ? CLS_POOLED
-                  : CLS_SCBERT;
+    cc.kind = cls_kind_of(head, mc.mode);
     cc.n_classes = K;
     cc.hidden = (size_t)config_int(cfg, "finetune.hidden");
     cc.pool_mean = strcmp(config_str(cfg, "finetune.pooling"), "mean") == 0;
@@ -339,7 +337,7 @@ int cmd_finetune(int argc, char **argv) {
                 good = !error_set("%s was pretrained with vocabulary %s, the shards use %s", args.init, a, bh);
             }
             if (good) good = ckpt_copy_tensors(&s, &t.model.table, t.model.params, &missing, &unused) == 0;
-            size_t head_tensors = cc.kind == CLS_SCBERT ? 8 : 4;
+            size_t head_tensors = cls_tensor_count(cc.kind);
             if (good && missing > head_tensors)
                 good = !error_set("%s lacks %zu encoder tensors of this model (check the [model] section)",
                                   args.init, missing - head_tensors);
@@ -401,9 +399,10 @@ int cmd_finetune(int argc, char **argv) {
         CHECK_MPI(MPI_Bcast(best_proj, (int)NP, MPI_FLOAT, 0, MPI_COMM_WORLD));
     }
 
+    static const char *const HEAD_NAMES[3] = {"scbert", "pooled", "linear"};
     log_info("finetune: %zu classes, cells: %zu train, %zu validation, %zu test; head %s, freeze %s, "
              "%zu trainable parameters; %lld steps per epoch of %zu cells, %lld epochs at most",
-             K, train.n, val.n, test.n, cc.kind == CLS_SCBERT ? "scbert" : "pooled",
+             K, train.n, val.n, test.n, HEAD_NAMES[cc.kind],
              config_str(cfg, "finetune.freeze"), param_table_trainable(&t.model.table),
              (long long)steps_per_epoch, G, (long long)epochs);
 

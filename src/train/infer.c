@@ -69,9 +69,7 @@ int infer_model_alloc(InferModel *im, size_t max_cells, size_t max_cell_nnz) {
     model_table_add_encoder(&t, &im->mc);
     if (im->has_classifier) {
         const char *head = config_str(im->cfg, "finetune.head");
-        im->cls_cfg.kind = strcmp(head, "pooled") == 0 || (strcmp(head, "auto") == 0 && im->mc.mode == SEQ_NONZERO)
-                               ? CLS_POOLED
-                               : CLS_SCBERT;
+        im->cls_cfg.kind = cls_kind_of(head, im->mc.mode);
         im->cls_cfg.n_classes = im->ck.n_labels;
         im->cls_cfg.hidden = (size_t)config_int(im->cfg, "finetune.hidden");
         im->cls_cfg.pool_mean = strcmp(config_str(im->cfg, "finetune.pooling"), "mean") == 0;

@@ -82,7 +82,7 @@ const ConfigKey TRAIN_SCHEMA[] = {
     {"dist.overlap", CFG_BOOL, "false", NOR, NULL, "start all-reduce buckets non-blocking (MPI_Iallreduce)"},
 
     {"finetune.label_key", CFG_STRING, "", NOR, NULL, "finetune: label column (default: the shards' label key)"},
-    {"finetune.head", CFG_CHOICE, "auto", NOR, "auto|scbert|pooled", "finetune: scBERT's conv head (full mode) or pooled MLP"},
+    {"finetune.head", CFG_CHOICE, "auto", NOR, "auto|scbert|linear|pooled", "finetune: scBERT's head, a linear readout of gene slots, or a pooled MLP (auto: scbert in full mode, linear in nonzero mode)"},
     {"finetune.pooling", CFG_CHOICE, "mean", NOR, "mean|last", "finetune: pooling of the pooled head"},
     {"finetune.hidden", CFG_INT, "128", 1, 1e5, NULL, "finetune: hidden width of the pooled head"},
     {"finetune.freeze", CFG_CHOICE, "scbert", NOR, "scbert|none|embeddings|all", "finetune: scBERT's policy, train all (none), all but the embeddings, or the head only (all)"},
