@@ -184,6 +184,7 @@ int cmd_pretrain(int argc, char **argv) {
         trainer_metrics_write(&t, js);
     }
 
+    int64_t *cursor = xcalloc(stream_cursor_len(t.stream), sizeof *cursor);
     const double start = time_now();
     double last_ckpt = start, window_t = 0;
     int64_t window_steps = 0, last_ckpt_step = t.step;
@@ -258,16 +259,17 @@ int cmd_pretrain(int argc, char **argv) {
         window_steps++;
 
         if (t.step % log_every == 0 || t.step == max_steps) {
+            // The epoch the stream is in (the cursor's first value).
+            stream_cursor_get(t.stream, cursor);
             double loss = win[1] > 0 ? win[0] / win[1] : NAN, acc = win[1] > 0 ? win[2] / win[1] : NAN;
             double cps = (double)G * (double)window_steps / window_t, tps = win[3] / window_t;
             char eta[32];
             fmt_duration((double)(max_steps - t.step) * window_t / (double)window_steps, eta);
-            int64_t spe = stream_steps_per_epoch(t.stream);
             char cl[64] = "";
             if (cc.weight > 0) snprintf(cl, sizeof cl, " | contrastive %.4f", out[4] / t.size);
             log_info("step %lld/%lld | epoch %lld | loss %.4f | acc %.4f%s | lr %.2e | gnorm %.3g | "
                      "%.1f cells/s | %.3g tokens/s | ETA %s",
-                     (long long)t.step, (long long)max_steps, (long long)(spe ? (t.step - 1) / spe : 0),
+                     (long long)t.step, (long long)max_steps, (long long)cursor[0],
                      loss, acc, cl, lr, gnorm, cps, tps, eta);
             char js[512];
             snprintf(js, sizeof js,
@@ -325,6 +327,7 @@ int cmd_pretrain(int argc, char **argv) {
     trainer_metrics_write(&t, js);
 
     if (cc.weight > 0) contrastive_free(&con);
+    free(cursor);
     for (size_t i = 0; i < local_mb; i++) {
         cellbatch_free(&cbs[i]);
         tokenbatch_free(&tbs[i]);

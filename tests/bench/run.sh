@@ -4,7 +4,7 @@
 # prints its own table; the whole run takes about an hour on 2 cores (the full
 # scBERT configuration dominates: PyTorch needs about a minute per step).
 #
-#   bash tests/bench/run.sh [SECTION...]   sections: shards reader model pretrain contrastive
+#   bash tests/bench/run.sh [SECTION...]   sections: shards reader model pretrain contrastive annotation
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export BIN=${BIN:-bin} BBIN=${BBIN:-build/release/bench} PYTHON=${PYTHON:-/usr/bin/python3}
@@ -13,7 +13,7 @@ export DATA=${DATA:-$PWD/../shared/data}
 # the same setting applies to perfcell and to PyTorch (same library).
 if [ -z "${OPENBLAS_CORETYPE:-}" ] && grep -q avx512f /proc/cpuinfo; then export OPENBLAS_CORETYPE=SKYLAKEX; fi
 sections=("$@")
-[ ${#sections[@]} -eq 0 ] && sections=(shards reader model pretrain contrastive)
+[ ${#sections[@]} -eq 0 ] && sections=(shards reader model pretrain contrastive annotation)
 
 echo "perfcell benchmarks, $(date -u +%Y-%m-%dT%H:%MZ)"
 echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB"
@@ -26,6 +26,7 @@ for s in "${sections[@]}"; do
     model) title="Encoder: training step against PyTorch, memory, GFLOP/s, profile" script=tests/bench/bench_model.sh ;;
     pretrain) title="Distributed pretraining: scaling and all-reduce" script=tests/bench/bench_pretrain.sh ;;
     contrastive) title="Contrastive pretraining: time, memory, embeddings" script=tests/bench/bench_contrastive.sh ;;
+    annotation) title="Cell-type annotation against logistic regression" script=tests/bench/bench_annotation.sh ;;
     *) echo "unknown section '$s' (shards reader model pretrain contrastive)"; exit 2 ;;
   esac
   printf '\n================ %s\n' "$title"
