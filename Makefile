@@ -5,6 +5,8 @@
 #                    and the HDF5 Zstandard plugin in lib/hdf5-plugin/
 #   make test        build and run every test; ends with "N passed, N failed"
 #   make test DEBUG=1  the same with AddressSanitizer and UBSan
+#   make fuzz        libFuzzer harnesses (clang) in build/fuzz/
+#   make VALGRIND=1  the programs for valgrind, in build/valgrind/bin/
 #   make bench       benchmarks (speed and memory against PyTorch / anndata)
 #   make demo        set up and run the main job on the bundled pbmc3k data
 #
@@ -59,6 +61,13 @@ MODE := debug
 OPT := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
 LDOPT := -fsanitize=address,undefined
 BIN := build/debug/bin
+else ifeq ($(VALGRIND),1)
+# For valgrind (tests/suite_sanitize.sh): no AVX-512, which valgrind cannot
+# decode, whatever the build machine; -O0 builds fast and gives exact lines.
+MODE := valgrind
+OPT := -O0 -g -march=x86-64-v2
+LDOPT :=
+BIN := build/valgrind/bin
 else
 MODE := release
 OPT := -O3 -g -march=$(ARCH)

@@ -21,7 +21,7 @@ export HDF5_PLUGIN_PATH=$ROOT/lib/hdf5-plugin
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0:abort_on_error=0}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
 export TMPROOT=${TMPROOT:-$ROOT/build/test-tmp}
-LOGS=$ROOT/build/test-logs
+LOGS=${LOGS:-$ROOT/build/test-logs}
 rm -rf "$LOGS" "$TMPROOT"
 mkdir -p "$LOGS" "$TMPROOT"
 FILTER=${1:-}

@@ -699,6 +699,35 @@ def _string_dataset(loc, name: str, strings: Sequence[str], scalar: bool) -> Non
     d.attrs.create("crc32", np.uint32(crc32_strings(strings)))
 
 
+def _hdf5_library():
+    """The HDF5 library h5py runs on, for the one property h5py 3.7 does not
+    expose (H5Pset_link_phase_change)."""
+    import ctypes
+    import h5py  # noqa: F401  (loads the library)
+    with open("/proc/self/maps") as f:
+        libs = sorted({line.split()[-1] for line in f
+                       if "/libhdf5" in line and ".so" in line and "_hl" not in line.rsplit("/", 1)[-1]})
+    for path in libs:
+        lib = ctypes.CDLL(path)
+        if hasattr(lib, "H5Pset_link_phase_change"):
+            lib.H5Pset_link_phase_change.argtypes = [ctypes.c_int64, ctypes.c_uint, ctypes.c_uint]
+            lib.H5Pset_link_phase_change.restype = ctypes.c_int
+            return lib
+    raise InteropError("cannot find the HDF5 library that h5py uses (to write compact groups)")
+
+
+def _compact_group(parent, name):
+    """A group that keeps its links in its object header (compact storage up to
+    65535 links), as perfcell writes them: readers refuse dense link storage,
+    whose fractal heap and B-tree carry no checksums."""
+    import h5py
+    gcpl = h5py.h5p.create(h5py.h5p.GROUP_CREATE)
+    if _hdf5_library().H5Pset_link_phase_change(gcpl.id, 65535, 65535) < 0:
+        raise InteropError("HDF5 refused compact link storage for a checkpoint group")
+    gid = h5py.h5g.create(parent.id, name.encode(), gcpl=gcpl)
+    return h5py.Group(gid)
+
+
 def write_checkpoint(path: str, c: CheckpointData) -> None:
     """Write `c` to `path` atomically, checked with the reader's rules first."""
     import h5py
@@ -718,13 +747,13 @@ def write_checkpoint(path: str, c: CheckpointData) -> None:
             _fixed_str_attr(f, "vocab_hash", c.vocab_hash)
             _fixed_str_attr(f, "created", c.created or datetime.datetime.now(
                 datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
-            g = f.create_group("model")
+            g = _compact_group(f, "model")
             for i, (name, x) in enumerate(c.tensors.items()):
                 _tensor_dataset(g, name, x, (i, c.trainable[name], c.decay[name]))
-            b = f.create_group("buffers")
+            b = _compact_group(f, "buffers")
             for i, p in enumerate(c.projections):
                 _tensor_dataset(b, PROJ_NAME.format(i), p, None)
-            s = f.create_group("state")
+            s = _compact_group(f, "state")
             s.attrs.create("redraw_index", np.int64(c.redraw_index))
             s.attrs.create("feature_seed", np.uint64(c.feature_seed))
             for key, value in c.scalars.items():

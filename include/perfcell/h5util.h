@@ -34,8 +34,13 @@ int h5_attr_write_i64s(hid_t obj, const char *name, const int64_t *v, size_t n);
 // A boolean attribute as h5py and AnnData write numpy bools (int8 enum).
 int h5_attr_write_bool(hid_t obj, const char *name, int value);
 
-// A dataset of variable-length UTF-8 strings.
+// Strings are written fixed-length UTF-8 (never in HDF5's global heap, which
+// has no checksums): attributes above, a 1-D string dataset, a scalar one.
 int h5_write_strings(hid_t loc, const char *name, const char *const *v, size_t n);
+int h5_write_string_scalar(hid_t loc, const char *name, const char *value);
+// Whether attribute `name` exists and is a fixed-length string (readers of
+// perfcell's own files refuse variable-length ones before touching them).
+int h5_is_fixed_string_attr(hid_t obj, const char *name);
 // AnnData element encoding attributes ("encoding-type", "encoding-version").
 int h5_set_encoding(hid_t obj, const char *type, const char *version);
 

@@ -334,9 +334,20 @@ cleanup:
     return rc;
 }
 
+// Groups keep their links in the (checksummed) object header: compact link
+// storage up to 65535 links. Dense storage (a fractal heap and a B-tree
+// without checksums) can crash HDF5 when damaged, so readers refuse it.
+static hid_t group_create(hid_t loc, const char *name) {
+    hid_t gcpl = H5Pcreate(H5P_GROUP_CREATE), g = H5I_INVALID_HID;
+    if (gcpl >= 0 && H5Pset_link_phase_change(gcpl, 65535, 65535) >= 0)
+        g = H5Gcreate2(loc, name, H5P_DEFAULT, gcpl, H5P_DEFAULT);
+    if (gcpl >= 0) H5Pclose(gcpl);
+    return g;
+}
+
 static hid_t group_put(hid_t loc, const char *path, const char *name) {
     errno = 0;
-    hid_t g = H5Gcreate2(loc, name, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    hid_t g = group_create(loc, name);
     if (g < 0) write_fail(path, errno, "creating group '/%s'", name);
     return g;
 }
@@ -383,7 +394,7 @@ static int write_optim(hid_t file, const char *path, const CkptState *s) {
         char full[32];
         snprintf(full, sizeof full, "optim/%s", gname);
         errno = 0;
-        if ((m = H5Gcreate2(g, gname, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT)) < 0) {
+        if ((m = group_create(g, gname)) < 0) {
             write_fail(path, errno, "creating group '/%s'", full);
             goto cleanup;
         }
@@ -808,6 +819,10 @@ cleanup:
 static int group_count(const Reader *r, hid_t g, const char *objname, size_t max, size_t *n) {
     H5G_info_t info;
     if (H5Gget_info(g, &info) < 0) return rfail_h5(r, "cannot read group '%s'", objname);
+    if (info.storage_type != H5G_STORAGE_TYPE_COMPACT)
+        return rfail(r, "group '%s' does not keep its links in its object header (dense or old-style "
+                        "storage); perfcell writes compact groups (h5py: see tools/scbert_interop.py)",
+                     objname);
     uint64_t cap = (uint64_t)r->file_size / DATASET_MIN_BYTES;
     if (cap > max) cap = max;
     if ((uint64_t)info.nlinks > cap)
@@ -1127,7 +1142,7 @@ static int read_cursor(Reader *r, hid_t state, CkptState *s) {
         too_big(r, objname);
         goto cleanup;
     }
-    uint32_t crc;
+    uint32_t crc = 0;
     if (budget_take(r, dim * sizeof(int64_t), objname) != 0 || attr_crc(r, d, objname, &crc) != 0)
         goto cleanup;
     s->cursor_len = (size_t)dim;
@@ -1366,7 +1381,7 @@ static int read_strings(Reader *r, const char *name, int scalar, char ***out, si
             res[i][l] = '\0';
         }
     }
-    uint32_t crc;
+    uint32_t crc = 0;
     if (attr_crc(r, d, objname, &crc) != 0) goto cleanup;
     if (r->data && crc != crc_strings((const char *const *)res, n)) {
         rfail(r, "'%s' is corrupt: its CRC-32 does not match", objname);

@@ -79,7 +79,10 @@ static hid_t dict(hid_t loc, const char *name) {
 
 static int write_h5ad(const char *path, const CellSource *src, const float *emb, size_t n, size_t C,
                       const char *ckpt, const char *pooling, const int32_t *split) {
-    hid_t f = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+    hid_t fapl = H5Pcreate(H5P_FILE_ACCESS), f = H5I_INVALID_HID;
+    if (fapl >= 0 && H5Pset_libver_bounds(fapl, H5F_LIBVER_V18, H5F_LIBVER_V18) >= 0)
+        f = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, fapl);
+    if (fapl >= 0) H5Pclose(fapl);
     if (f < 0) return error_set_h5("cannot create '%s'", path);
     int rc = h5_set_encoding(f, "anndata", "0.1.0");
     // obs: cell names (index), cell ids, labels
@@ -133,16 +136,12 @@ static int write_h5ad(const char *path, const CellSource *src, const float *emb,
     if ((uns < 0 || pc < 0) && rc == 0) rc = error_set_h5("%s: cannot create uns", path);
     const char *keys[2] = {"checkpoint", "pooling"}, *vals[2] = {ckpt, pooling};
     for (int i = 0; i < 2 && rc == 0; i++) {
-        hid_t s = H5Screate(H5S_SCALAR), t = H5Tcopy(H5T_C_S1);
-        H5Tset_size(t, H5T_VARIABLE);
-        H5Tset_cset(t, H5T_CSET_UTF8);
-        hid_t d = H5Dcreate2(pc, keys[i], t, s, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
-        if (d < 0 || H5Dwrite(d, t, H5S_ALL, H5S_ALL, H5P_DEFAULT, &vals[i]) < 0)
-            rc = error_set_h5("%s: cannot write uns/perfcell/%s", path, keys[i]);
-        if (rc == 0) rc = h5_set_encoding(d, "string", "0.2.0");
-        if (d >= 0) H5Dclose(d);
-        H5Tclose(t);
-        H5Sclose(s);
+        rc = h5_write_string_scalar(pc, keys[i], vals[i]);
+        if (rc == 0) {
+            hid_t d = H5Dopen2(pc, keys[i], H5P_DEFAULT);
+            rc = h5_set_encoding(d, "string", "0.2.0");
+            H5Dclose(d);
+        }
     }
     if (pc >= 0) H5Gclose(pc);
     if (uns >= 0) H5Gclose(uns);

@@ -100,11 +100,24 @@ static int where(char *buf, size_t len, const Config *c, const char *name, int f
     return snprintf(buf, len, "%s", c->path ? c->path : "(defaults)");
 }
 
+#define CONFIG_VALUE_MAX 960
+
 static int check_value(const Config *c, size_t i, int from_override) {
     const ConfigKey *k = &c->schema[i];
     const char *v = c->value[i];
     char at[600];
     where(at, sizeof at, c, k->name, from_override);
+    // Line breaks and other control characters (possible in overrides only)
+    // cannot be written back to an INI file.
+    for (const char *p = v; *p; p++)
+        if ((unsigned char)*p < 0x20 && *p != '\t')
+            return error_set("%s: %s: the value holds a control character (code %d)", at, k->name, *p);
+    // Both quote characters: no INI quoting can write the value back; nor a
+    // line longer than iniparser reads (1024 bytes).
+    if (strchr(v, '"') && strchr(v, '\''))
+        return error_set("%s: %s = '%s' holds both kinds of quotes", at, k->name, v);
+    if (strlen(v) > CONFIG_VALUE_MAX)
+        return error_set("%s: %s: the value is longer than %d characters", at, k->name, CONFIG_VALUE_MAX);
     switch (k->type) {
     case CFG_INT: {
         long x;
@@ -145,9 +158,15 @@ static int check_value(const Config *c, size_t i, int from_override) {
     return 0;
 }
 
+// Numbers, booleans and choices are stored without surrounding blanks (a
+// quoted ' 2e-3' means 2e-3), so that the resolved text reads back the same.
 static void set_value(Config *c, size_t i, const char *v) {
     free(c->value[i]);
     c->value[i] = xstrdup(v);
+    if (c->schema[i].type != CFG_STRING) {
+        char *t = str_trim(c->value[i]);
+        memmove(c->value[i], t, strlen(t) + 1);
+    }
     c->set[i] = 1;
 }
 
@@ -296,25 +315,39 @@ int config_is_set(const Config *c, const char *name) { return c->set[need(c, nam
 
 const char *config_path(const Config *c) { return c->path; }
 
+// A string value as INI text: quoted when iniparser would not read it back as
+// is (surrounding blanks, comment characters, quotes); check_value refuses
+// values that hold both quote characters.
+static const char *ini_quote(const char *v) {
+    size_t n = strlen(v);
+    int needs = n > 0 && (v[0] == ' ' || v[0] == '\t' || v[n - 1] == ' ' || v[n - 1] == '\t' ||
+                          v[n - 1] == '\\'); // a trailing backslash continues the line
+    needs = needs || strpbrk(v, ";#\"'") != NULL;
+    if (!needs) return "";
+    return strchr(v, '"') ? "'" : "\"";
+}
+
 char *config_to_ini(const Config *c) {
     size_t cap = 4096, len = 0;
     char *out = xmalloc(cap);
     out[0] = '\0';
-    char section[128] = "";
+    const char *section = "";
+    size_t section_len = 0;
     for (size_t i = 0; i < c->n; i++) {
         const char *name = c->schema[i].name;
         const char *dot = strchr(name, '.');
-        char line[2048];
-        int k = 0;
-        if (strncmp(section, name, (size_t)(dot - name)) != 0 ||
-            section[dot - name] != '\0') {
-            snprintf(section, sizeof section, "%.*s", (int)(dot - name), name);
-            k = snprintf(line, sizeof line, "%s[%s]\n", len ? "\n" : "", section);
+        size_t sl = (size_t)(dot - name);
+        const char *v = c->value[i];
+        const char *q = c->schema[i].type == CFG_STRING ? ini_quote(v) : "";
+        // Room for "\n[section]\n" and "key = qvalueq\n".
+        size_t need = 2 * strlen(name) + strlen(v) + 16;
+        while (len + need + 1 > cap) out = xrealloc(out, cap *= 2);
+        if (sl != section_len || strncmp(section, name, sl) != 0) {
+            section = name;
+            section_len = sl;
+            len += (size_t)sprintf(out + len, "%s[%.*s]\n", len ? "\n" : "", (int)sl, name);
         }
-        k += snprintf(line + k, sizeof line - (size_t)k, "%s = %s\n", dot + 1, c->value[i]);
-        while (len + (size_t)k + 1 > cap) out = xrealloc(out, cap *= 2);
-        memcpy(out + len, line, (size_t)k + 1);
-        len += (size_t)k;
+        len += (size_t)sprintf(out + len, "%s = %s%s%s\n", dot + 1, q, v, q);
     }
     return out;
 }

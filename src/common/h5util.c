@@ -235,11 +235,28 @@ int h5_attr_read_i64s(hid_t obj, const char *name, int64_t *v, size_t n) {
     return rc;
 }
 
-static hid_t vlen_utf8(void) {
+// Strings we write are fixed-length UTF-8 (NUL-padded to the longest): they
+// live in the object header or the dataset's own storage, never in HDF5's
+// global heap, which has no checksums and which HDF5 1.10 reads unchecked.
+static hid_t fixed_utf8(size_t width) {
     hid_t t = H5Tcopy(H5T_C_S1);
-    H5Tset_size(t, H5T_VARIABLE);
+    H5Tset_size(t, width ? width : 1);
+    H5Tset_strpad(t, H5T_STR_NULLPAD);
     H5Tset_cset(t, H5T_CSET_UTF8);
     return t;
+}
+
+// n strings packed into one buffer of n x width bytes (caller frees).
+static char *pack_strings(const char *const *v, size_t n, size_t *width) {
+    size_t w = 1;
+    for (size_t i = 0; i < n; i++) {
+        size_t l = strlen(v[i]);
+        if (l > w) w = l;
+    }
+    char *buf = xcalloc(n ? n : 1, w);
+    for (size_t i = 0; i < n; i++) memcpy(buf + i * w, v[i], strlen(v[i]));
+    *width = w;
+    return buf;
 }
 
 static int attr_write(hid_t obj, const char *name, hid_t type, hid_t space, const void *buf) {
@@ -254,10 +271,13 @@ static int attr_write(hid_t obj, const char *name, hid_t type, hid_t space, cons
 }
 
 int h5_attr_write_string(hid_t obj, const char *name, const char *value) {
-    hid_t t = vlen_utf8(), s = H5Screate(H5S_SCALAR);
-    int rc = attr_write(obj, name, t, s, &value);
+    size_t w;
+    char *buf = pack_strings(&value, 1, &w);
+    hid_t t = fixed_utf8(w), s = H5Screate(H5S_SCALAR);
+    int rc = attr_write(obj, name, t, s, buf);
     H5Sclose(s);
     H5Tclose(t);
+    free(buf);
     return rc;
 }
 
@@ -271,10 +291,13 @@ int h5_attr_write_strings(hid_t obj, const char *name, const char *const *v, siz
         H5Sclose(s0);
         return rc0;
     }
-    hid_t t = vlen_utf8(), s = H5Screate_simple(1, &dim, NULL);
-    int rc = attr_write(obj, name, t, s, v);
+    size_t w;
+    char *buf = pack_strings(v, n, &w);
+    hid_t t = fixed_utf8(w), s = H5Screate_simple(1, &dim, NULL);
+    int rc = attr_write(obj, name, t, s, buf);
     H5Sclose(s);
     H5Tclose(t);
+    free(buf);
     return rc;
 }
 
@@ -302,17 +325,46 @@ int h5_attr_write_bool(hid_t obj, const char *name, int value) {
 
 int h5_write_strings(hid_t loc, const char *name, const char *const *v, size_t n) {
     hsize_t dim = n;
-    hid_t t = vlen_utf8(), s = H5Screate_simple(1, &dim, NULL);
+    size_t w;
+    char *buf = pack_strings(v, n, &w);
+    hid_t t = fixed_utf8(w), s = H5Screate_simple(1, &dim, NULL);
     hid_t d = H5Dcreate2(loc, name, t, s, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
     int rc = 0;
     if (d < 0)
         rc = error_set_h5("cannot create string dataset '%s'", name);
-    else if (n > 0 && H5Dwrite(d, t, H5S_ALL, H5S_ALL, H5P_DEFAULT, v) < 0)
+    else if (n > 0 && H5Dwrite(d, t, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf) < 0)
         rc = error_set_h5("cannot write string dataset '%s'", name);
     if (d >= 0) H5Dclose(d);
     H5Sclose(s);
     H5Tclose(t);
+    free(buf);
     return rc;
+}
+
+int h5_write_string_scalar(hid_t loc, const char *name, const char *value) {
+    size_t w;
+    char *buf = pack_strings(&value, 1, &w);
+    hid_t t = fixed_utf8(w), s = H5Screate(H5S_SCALAR);
+    hid_t d = H5Dcreate2(loc, name, t, s, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    int rc = 0;
+    if (d < 0 || H5Dwrite(d, t, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf) < 0)
+        rc = error_set_h5("cannot write string '%s'", name);
+    if (d >= 0) H5Dclose(d);
+    H5Sclose(s);
+    H5Tclose(t);
+    free(buf);
+    return rc;
+}
+
+int h5_is_fixed_string_attr(hid_t obj, const char *name) {
+    if (H5Aexists(obj, name) <= 0) return 0;
+    hid_t a = H5Aopen(obj, name, H5P_DEFAULT);
+    if (a < 0) return 0;
+    hid_t t = H5Aget_type(a);
+    int ok = t >= 0 && H5Tget_class(t) == H5T_STRING && H5Tis_variable_str(t) == 0;
+    if (t >= 0) H5Tclose(t);
+    H5Aclose(a);
+    return ok;
 }
 
 int h5_set_encoding(hid_t obj, const char *type, const char *version) {

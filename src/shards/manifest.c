@@ -112,7 +112,7 @@ int manifest_load(Manifest *m, const char *folder) {
         line_no++;
         size_t ll = strlen(line);
         if (ll && line[ll - 1] == '\r') line[--ll] = '\0';
-        char *f[8];
+        char *f[8] = {0};
         size_t nf = split_tabs(line, f, 8);
         if (line_no == 1 && (nf != 3 || strcmp(f[0], "#format") != 0)) {
             error_set("%s:1: not a perfcell shard manifest (expected '#format\t%s\t%d')", path,
@@ -218,7 +218,12 @@ int manifest_load(Manifest *m, const char *folder) {
         error_set("%s: incomplete manifest (missing %s)", path, !seen_format ? "#format" : "table");
         goto done;
     }
-    // Consistency: contiguous ranges from 0, totals.
+    if (m->n_shards == 0) {
+        error_set("%s: the manifest lists no shards (an empty shard folder: no cells to read)", path);
+        goto done;
+    }
+    // Consistency: contiguous ranges from 0, totals. Every number is >= 0 and
+    // the sums are checked against INT64_MAX as they grow.
     int64_t next = 0, nnz = 0, labelled = 0;
     for (size_t i = 0; i < m->n_shards; i++) {
         if (m->shards[i].first_cell != next || m->shards[i].n_cells <= 0) {
@@ -226,14 +231,40 @@ int manifest_load(Manifest *m, const char *folder) {
                       (long long)m->shards[i].first_cell, (long long)next);
             goto done;
         }
+        if (m->shards[i].n_cells > INT64_MAX - next || m->shards[i].nnz > INT64_MAX - nnz) {
+            error_set("%s: shard %s: cell or non-zero counts too large", path, m->shards[i].file);
+            goto done;
+        }
         next += m->shards[i].n_cells;
         nnz += m->shards[i].nnz;
     }
-    for (size_t i = 0; i < m->n_labels; i++) labelled += m->label_counts[i];
+    for (size_t i = 0; i < m->n_labels; i++) {
+        if (m->label_counts[i] > m->n_cells - labelled) {
+            error_set("%s: the #label lines count more cells than the manifest's %lld", path,
+                      (long long)m->n_cells);
+            goto done;
+        }
+        labelled += m->label_counts[i];
+    }
     int64_t ds_cells = 0;
-    for (size_t i = 0; i < m->n_datasets; i++) ds_cells += m->dataset_cells[i];
-    if (next != m->n_cells || nnz != m->nnz || labelled > m->n_cells ||
-        (m->n_datasets && ds_cells != m->n_cells) || m->n_genes <= 0 || m->n_shards == 0) {
+    for (size_t i = 0; i < m->n_datasets; i++) {
+        if (m->dataset_cells[i] > m->n_cells - ds_cells) {
+            error_set("%s: the #dataset lines count more cells than the manifest's %lld", path,
+                      (long long)m->n_cells);
+            goto done;
+        }
+        ds_cells += m->dataset_cells[i];
+    }
+    if (m->n_genes <= 0) {
+        error_set("%s: #n_genes is missing or 0 (a shard folder needs a vocabulary of at least one gene)", path);
+        goto done;
+    }
+    if (m->n_datasets && ds_cells != m->n_cells) {
+        error_set("%s: the #dataset lines count %lld cells, the manifest holds %lld", path, (long long)ds_cells,
+                  (long long)m->n_cells);
+        goto done;
+    }
+    if (next != m->n_cells || nnz != m->nnz) {
         error_set("%s: totals disagree (n_cells %lld, shards hold %lld; nnz %lld vs %lld)", path,
                   (long long)m->n_cells, (long long)next, (long long)m->nnz, (long long)nnz);
         goto done;

@@ -128,9 +128,14 @@ static int read_strings(hid_t loc, const char *name, const char *path, int64_t e
     int64_t np = 0;
     if (ds_open(loc, name, path, H5T_STRING, expect_n, H5P_DEFAULT, &d, &np) != 0) return -1;
     hid_t t = H5Dget_type(d);
-    size_t width = t >= 0 && H5Tis_variable_str(t) == 0 ? H5Tget_size(t) : 0;
+    htri_t vlen = t >= 0 ? H5Tis_variable_str(t) : -1;
+    size_t width = vlen == 0 ? H5Tget_size(t) : 0;
     if (t >= 0) H5Tclose(t);
     H5Dclose(d);
+    if (vlen != 0)
+        return error_set("%s: dataset '%s' holds variable-length strings; perfcell shards hold "
+                         "fixed-length ones (a damaged or foreign file)",
+                         path, name);
     if (np > max_n || width > SHARD_MAX_STRING)
         return error_set(
             "%s: dataset '%s' has %lld strings of %zu bytes, more than %lld of at most %d", path,
@@ -176,9 +181,13 @@ static int read_vocab_hash(hid_t loc, const char *name, const char *path, uint64
     return 0;
 }
 
+// Shards keep every string fixed-length (shards/README.md): a variable-length
+// one lives in HDF5's global heap, which has no checksums and which HDF5 1.10
+// follows unchecked (a damaged heap crashes or hangs it), so it is refused
+// before anything reads it.
 static int attr_is(hid_t obj, const char *name, const char *want) {
     char buf[64];
-    if (!h5_attr_exists(obj, name) || h5_attr_read_string(obj, name, buf, sizeof buf) != 0)
+    if (!h5_is_fixed_string_attr(obj, name) || h5_attr_read_string(obj, name, buf, sizeof buf) != 0)
         return 0;
     return strcmp(buf, want) == 0;
 }
@@ -505,8 +514,15 @@ static int open_h5(ShardFile *f) {
     if (H5Fis_hdf5(f->path) <= 0) return error_set("%s: not an HDF5 file (or unreadable)", f->path);
     if ((f->file = H5Fopen(f->path, H5F_ACC_RDONLY, H5P_DEFAULT)) < 0)
         return error_set_h5("%s: HDF5 cannot open the file", f->path);
+    // The 1.8 file format: HDF5 checks object-header checksums before use.
+    H5F_info2_t info;
+    if (H5Fget_info2(f->file, &info) < 0 || info.super.version < 2)
+        return error_set("%s: not a perfcell shard (an HDF5 file without metadata checksums; shards "
+                         "use the HDF5 1.8 format)",
+                         f->path);
     if (!attr_is(f->file, "encoding-type", "anndata"))
-        return error_set("%s: not an AnnData file (root attribute encoding-type is not 'anndata')",
+        return error_set("%s: not an AnnData file written by perfcell (root attribute encoding-type "
+                         "is not the fixed-length string 'anndata')",
                          f->path);
     if (open_uns(f) != 0 || open_x(f) != 0 || open_obs(f) != 0) return -1;
     return 0;

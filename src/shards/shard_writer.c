@@ -510,7 +510,10 @@ static int shard_file_create(Ctx *c, const char *path, size_t n, ShardFile *f) {
     memset(f, 0xff, sizeof *f); // every id H5I_INVALID_HID (-1)
     hid_t fapl = H5Pcreate(H5P_FILE_ACCESS), g = H5I_INVALID_HID;
     int rc = -1;
+    // The HDF5 1.8 file format: object headers (and so every attribute) carry
+    // checksums that HDF5 verifies before using them.
     if (fapl < 0 || H5Pset_fapl_mpio(fapl, c->comm, MPI_INFO_NULL) < 0 ||
+        H5Pset_libver_bounds(fapl, H5F_LIBVER_V18, H5F_LIBVER_V18) < 0 ||
         H5Pset_all_coll_metadata_ops(fapl, 1) < 0 || H5Pset_coll_metadata_write(fapl, 1) < 0) {
         error_set_h5("%s: cannot set up parallel HDF5", path);
         goto cleanup;
@@ -730,23 +733,23 @@ static int write_categorical(hid_t file, const char *group, const char *const *c
 }
 
 static int write_scalar(hid_t g, const char *name, const int64_t *num, const char *str) {
-    hid_t s = H5Screate(H5S_SCALAR), t = H5I_INVALID_HID, d = H5I_INVALID_HID;
     int rc = 0;
     if (str) {
-        t = H5Tcopy(H5T_C_S1);
-        H5Tset_size(t, H5T_VARIABLE);
-        H5Tset_cset(t, H5T_CSET_UTF8);
+        rc = h5_write_string_scalar(g, name, str);
     } else {
-        t = H5Tcopy(H5T_STD_I64LE);
+        hid_t s = H5Screate(H5S_SCALAR);
+        hid_t d = H5Dcreate2(g, name, H5T_STD_I64LE, s, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+        if (d < 0 || H5Dwrite(d, H5T_NATIVE_INT64, H5S_ALL, H5S_ALL, H5P_DEFAULT, num) < 0)
+            rc = error_set_h5("cannot write %s", name);
+        if (d >= 0) H5Dclose(d);
+        H5Sclose(s);
     }
-    d = H5Dcreate2(g, name, t, s, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
-    if (d < 0 || H5Dwrite(d, str ? t : H5T_NATIVE_INT64, H5S_ALL, H5S_ALL, H5P_DEFAULT,
-                          str ? (const void *)&str : (const void *)num) < 0)
-        rc = error_set_h5("cannot write %s", name);
-    if (rc == 0) rc = h5_set_encoding(d, str ? "string" : "numeric-scalar", "0.2.0");
-    if (d >= 0) H5Dclose(d);
-    if (t >= 0) H5Tclose(t);
-    if (s >= 0) H5Sclose(s);
+    if (rc == 0) {
+        hid_t d = H5Dopen2(g, name, H5P_DEFAULT);
+        rc = d >= 0 ? h5_set_encoding(d, str ? "string" : "numeric-scalar", "0.2.0")
+                    : error_set_h5("cannot reopen %s", name);
+        if (d >= 0) H5Dclose(d);
+    }
     return rc;
 }
 
@@ -803,7 +806,10 @@ static int finish_shard(Ctx *c, size_t s, const char *path, int64_t *e) {
                                                                 : c->n_cells;
     size_t n = (size_t)(s1 - s0);
     const Vocab *v = c->vocab;
-    hid_t file = H5Fopen(path, H5F_ACC_RDWR, H5P_DEFAULT), g = H5I_INVALID_HID;
+    hid_t fapl = H5Pcreate(H5P_FILE_ACCESS), file = H5I_INVALID_HID, g = H5I_INVALID_HID;
+    if (fapl >= 0 && H5Pset_libver_bounds(fapl, H5F_LIBVER_V18, H5F_LIBVER_V18) >= 0)
+        file = H5Fopen(path, H5F_ACC_RDWR, fapl);
+    if (fapl >= 0) H5Pclose(fapl);
     if (file < 0) return error_set_h5("cannot reopen shard '%s'", path);
     const char **cells = xmalloc((n ? n : 1) * sizeof *cells);
     size_t i = 0;

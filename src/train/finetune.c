@@ -336,7 +336,11 @@ int cmd_finetune(int argc, char **argv) {
                 vocab_hash_format(t.vocab_hash, bh);
                 good = !error_set("%s was pretrained with vocabulary %s, the shards use %s", args.init, a, bh);
             }
-            if (good) good = ckpt_copy_tensors(&s, &t.model.table, t.model.params, &missing, &unused) == 0;
+            if (good && ckpt_copy_tensors(&s, &t.model.table, t.model.params, &missing, &unused) != 0) {
+                char why[1024];
+                snprintf(why, sizeof why, "%s", error_last());
+                good = !error_set("%s does not fit this model: %s (check the [model] section)", args.init, why);
+            }
             size_t head_tensors = cls_tensor_count(cc.kind);
             if (good && missing > head_tensors)
                 good = !error_set("%s lacks %zu encoder tensors of this model (check the [model] section)",

@@ -27,14 +27,32 @@ def fnv1a64(data, h=0xCBF29CE484222325):
     return h
 
 
+def fixed(values):
+    """Fixed-length UTF-8 strings (shards keep no string in HDF5's global heap)."""
+    enc = [v.encode() for v in values]
+    width = max([len(e) for e in enc] + [1])
+    dtype = h5py.string_dtype("utf-8", width)  # numpy 'S' carrying h5py's UTF-8 tag
+    return np.array(enc, dtype=dtype), dtype
+
+
+def str_attr(obj, name, value):
+    data, dtype = fixed([value])
+    obj.attrs.create(name, data[0], dtype=dtype)
+
+
+def str_attrs(obj, name, values):
+    data, dtype = fixed(values)
+    obj.attrs.create(name, data, dtype=dtype)
+
+
 def set_enc(obj, kind, version):
-    obj.attrs["encoding-type"] = kind
-    obj.attrs["encoding-version"] = version
+    str_attr(obj, "encoding-type", kind)
+    str_attr(obj, "encoding-version", version)
 
 
 def strings(group, name, values):
-    d = group.create_dataset(name, data=np.array(values, dtype=object),
-                             dtype=h5py.string_dtype("utf-8"))
+    data, dtype = fixed(values)
+    d = group.create_dataset(name, data=data, dtype=dtype)
     set_enc(d, "string-array", "0.2.0")
 
 
@@ -48,7 +66,8 @@ def categorical(group, name, codes, categories):
 
 def scalar(group, name, value):
     if isinstance(value, str):
-        d = group.create_dataset(name, data=value, dtype=h5py.string_dtype("utf-8"))
+        data, dtype = fixed([value])
+        d = group.create_dataset(name, data=data[0], dtype=dtype)
         set_enc(d, "string", "0.2.0")
     else:
         d = group.create_dataset(name, data=np.int64(value))
@@ -82,7 +101,7 @@ def write_shard(path, idx, first, m, names, genes, codes, cats, label_key, datas
     indices = m.indices.astype(np.int32)
     indptr = m.indptr.astype(np.int64)
     cell_id = np.arange(first, first + n, dtype=np.int64)
-    with h5py.File(path, "w", libver="earliest") as f:
+    with h5py.File(path, "w", libver=("v108", "v108")) as f:
         set_enc(f, "anndata", "0.1.0")
         x = f.create_group("X")
         set_enc(x, "csr_matrix", "0.1.0")
@@ -94,9 +113,9 @@ def write_shard(path, idx, first, m, names, genes, codes, cats, label_key, datas
         x.create_dataset("indptr", data=indptr)
         obs = f.create_group("obs")
         set_enc(obs, "dataframe", "0.2.0")
-        obs.attrs["_index"] = "cell"
+        str_attr(obs, "_index", "cell")
         cols = ["cell_id", "total_counts", "dataset"] + ([label_key] if label_key else [])
-        obs.attrs["column-order"] = np.array(cols, dtype=object)
+        str_attrs(obs, "column-order", cols)
         strings(obs, "cell", names)
         for name, arr in (("cell_id", cell_id), ("total_counts", np.asarray(m.sum(axis=1)).ravel().astype(np.int64))):
             d = obs.create_dataset(name, data=arr)
@@ -106,8 +125,8 @@ def write_shard(path, idx, first, m, names, genes, codes, cats, label_key, datas
             categorical(obs, label_key, codes, cats)
         var = f.create_group("var")
         set_enc(var, "dataframe", "0.2.0")
-        var.attrs["_index"] = "gene"
-        var.attrs["column-order"] = np.array(["gene_ids"], dtype=object)
+        str_attr(var, "_index", "gene")
+        str_attrs(var, "column-order", ["gene_ids"])
         strings(var, "gene", genes)
         strings(var, "gene_ids", [""] * len(genes))
         uns = f.create_group("uns")
