@@ -35,6 +35,21 @@ int infer_model_open(InferModel *im, const char *spec, int need_cls);
 int infer_model_alloc(InferModel *im, size_t max_cells, size_t max_cell_nnz);
 void infer_model_close(InferModel *im);
 
+// The options predict and embed share.
+typedef struct {
+    const char *checkpoint, *input, *out, *label_key, *layer;
+    int use_raw;
+    long batch; // cells per forward pass (default 16)
+} InferArgs;
+
+// If argv[*i] is one of the shared options (--checkpoint, --input, --out,
+// --label-key, --layer, --use-raw, --batch), take it (and its value, moving
+// *i past it) and return 1; return 0 for any other argument. Dies with a
+// hint naming `command` on a missing or bad value.
+int infer_args_take(InferArgs *a, int argc, char **argv, int *i, const char *command);
+// Dies unless --checkpoint, --input and --out were given.
+void infer_args_require(const InferArgs *a, const char *command);
+
 // The cells of an input, in order, in batches.
 typedef struct {
     int is_shards;

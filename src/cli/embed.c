@@ -156,54 +156,35 @@ static int write_h5ad(const char *path, const CellSource *src, const float *emb,
 }
 
 int cmd_embed(int argc, char **argv) {
-    const char *ckpt = NULL, *input = NULL, *out = NULL, *label_key = NULL, *layer = NULL;
+    InferArgs ia = {.batch = 16};
     const char *pooling = "last";
-    long batch = 16;
-    int use_raw = 0;
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i];
-        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (infer_args_take(&ia, argc, argv, &i, "embed")) continue;
         if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
             fputs(USAGE, stdout);
             return 0;
-        } else if (strcmp(a, "--use-raw") == 0) {
-            use_raw = 1;
-        } else if (!v) {
-            DIE_HINT("see `perfcell embed --help`", "%s needs a value", a);
-        } else if (strcmp(a, "--checkpoint") == 0) {
-            ckpt = v, i++;
-        } else if (strcmp(a, "--input") == 0) {
-            input = v, i++;
-        } else if (strcmp(a, "--out") == 0) {
-            out = v, i++;
-        } else if (strcmp(a, "--label-key") == 0) {
-            label_key = v, i++;
-        } else if (strcmp(a, "--layer") == 0) {
-            layer = v, i++;
         } else if (strcmp(a, "--pooling") == 0) {
+            const char *v = i + 1 < argc ? argv[++i] : "";
             if (strcmp(v, "last") != 0 && strcmp(v, "mean") != 0)
                 DIE_HINT("--pooling last or --pooling mean", "--pooling '%s' is not last or mean", v);
-            pooling = v, i++;
-        } else if (strcmp(a, "--batch") == 0) {
-            if (str_to_long(v, &batch) != 0 || batch < 1 || batch > 4096)
-                DIE_HINT("cells per forward pass, 1 to 4096", "--batch '%s' is not valid", v);
-            i++;
+            pooling = v;
         } else {
             DIE_HINT("see `perfcell embed --help`", "unknown argument '%s'", a);
         }
     }
-    if (!ckpt || !input || !out)
-        DIE_HINT("perfcell embed --checkpoint CKPT --input PATH --out cells.h5ad",
-                 "--checkpoint, --input and --out are required");
+    infer_args_require(&ia, "embed");
+    const char *out = ia.out;
     int size = 1;
     MPI_Comm_size(MPI_COMM_WORLD, &size);
     if (size > 1) DIE_HINT("run `perfcell embed` as one process", "embed runs on one rank, not %d", size);
 
     InferModel im;
-    CHECK_OK_USER(infer_model_open(&im, ckpt, 0));
+    CHECK_OK_USER(infer_model_open(&im, ia.checkpoint, 0));
     CellSource src;
-    CHECK_OK_USER(cell_source_open(&src, input, &im.vocab, im.ck.vocab_hash, label_key, layer, use_raw));
-    CHECK_OK_USER(infer_model_alloc(&im, (size_t)batch, (size_t)src.max_cell_nnz));
+    CHECK_OK_USER(cell_source_open(&src, ia.input, &im.vocab, im.ck.vocab_hash, ia.label_key, ia.layer,
+                                   ia.use_raw));
+    CHECK_OK_USER(infer_model_alloc(&im, (size_t)ia.batch, (size_t)src.max_cell_nnz));
     const size_t C = im.mc.dim, n_cells = (size_t)src.n_cells;
     const int mean = strcmp(pooling, "mean") == 0;
     float *emb = floats_alloc(n_cells * C);
@@ -214,7 +195,7 @@ int cmd_embed(int argc, char **argv) {
     PassCtx ctx = {0, 0, 0, 0};
     int64_t first = 0, n;
     double t0 = time_now();
-    while ((n = cell_source_next(&src, (size_t)batch, &cb, &first)) > 0) {
+    while ((n = cell_source_next(&src, (size_t)ia.batch, &cb, &first)) > 0) {
         tokens_from_cells(&tb, &cb, &im.mc, 0, 0);
         model_forward(&im.model, &tb, &ctx);
         for (int64_t c = 0; c < n; c++) {

@@ -35,49 +35,33 @@ static int class_of(const InferModel *im, const char *name) {
 }
 
 int cmd_predict(int argc, char **argv) {
-    const char *ckpt = NULL, *input = NULL, *out = NULL, *label_key = NULL, *layer = NULL, *report = NULL;
+    InferArgs ia = {.batch = 16};
+    const char *report = NULL;
     double threshold = 0.5;
-    long batch = 16;
-    int use_raw = 0, probs = 0;
+    int probs = 0;
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i];
-        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (infer_args_take(&ia, argc, argv, &i, "predict")) continue;
         if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
             fputs(USAGE, stdout);
             return 0;
-        } else if (strcmp(a, "--use-raw") == 0) {
-            use_raw = 1;
         } else if (strcmp(a, "--probabilities") == 0) {
             probs = 1;
-        } else if (!v) {
+        } else if ((strcmp(a, "--report") == 0 || strcmp(a, "--threshold") == 0) && i + 1 >= argc) {
             DIE_HINT("see `perfcell predict --help`", "%s needs a value", a);
-        } else if (strcmp(a, "--checkpoint") == 0) {
-            ckpt = v, i++;
-        } else if (strcmp(a, "--input") == 0) {
-            input = v, i++;
-        } else if (strcmp(a, "--out") == 0) {
-            out = v, i++;
-        } else if (strcmp(a, "--label-key") == 0) {
-            label_key = v, i++;
-        } else if (strcmp(a, "--layer") == 0) {
-            layer = v, i++;
         } else if (strcmp(a, "--report") == 0) {
-            report = v, i++;
+            report = argv[++i];
         } else if (strcmp(a, "--threshold") == 0) {
+            const char *v = argv[++i];
             if (str_to_double(v, &threshold) != 0 || threshold < 0 || threshold > 1)
                 DIE_HINT("a probability in [0, 1]", "--threshold '%s' is not a probability", v);
-            i++;
-        } else if (strcmp(a, "--batch") == 0) {
-            if (str_to_long(v, &batch) != 0 || batch < 1 || batch > 4096)
-                DIE_HINT("cells per forward pass, 1 to 4096", "--batch '%s' is not valid", v);
-            i++;
         } else {
             DIE_HINT("see `perfcell predict --help`", "unknown argument '%s'", a);
         }
     }
-    if (!ckpt || !input || !out)
-        DIE_HINT("perfcell predict --checkpoint CKPT --input PATH --out pred.tsv",
-                 "--checkpoint, --input and --out are required");
+    infer_args_require(&ia, "predict");
+    const char *out = ia.out;
+    const long batch = ia.batch;
     if (report) {
         size_t rl = strlen(report);
         const char *ext[2] = {".tsv", ".svg"};
@@ -90,9 +74,10 @@ int cmd_predict(int argc, char **argv) {
     if (size > 1) DIE_HINT("run `perfcell predict` as one process", "predict runs on one rank, not %d", size);
 
     InferModel im;
-    CHECK_OK_USER(infer_model_open(&im, ckpt, 1));
+    CHECK_OK_USER(infer_model_open(&im, ia.checkpoint, 1));
     CellSource src;
-    CHECK_OK_USER(cell_source_open(&src, input, &im.vocab, im.ck.vocab_hash, label_key, layer, use_raw));
+    CHECK_OK_USER(cell_source_open(&src, ia.input, &im.vocab, im.ck.vocab_hash, ia.label_key, ia.layer,
+                                   ia.use_raw));
     CHECK_OK_USER(infer_model_alloc(&im, (size_t)batch, (size_t)src.max_cell_nnz));
     const size_t K = im.ck.n_labels;
     // Input label codes -> model classes (by name).

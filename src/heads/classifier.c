@@ -4,6 +4,7 @@
 #include "perfcell/error.h"
 #include "perfcell/layers.h"
 #include "perfcell/linalg.h"
+#include "perfcell/loss.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -227,23 +228,10 @@ double classifier_loss(float *dlogits, const float *logits, const int32_t *label
     for (size_t b = 0; b < B; b++) {
         int y = label[b];
         if (y < 0 || (size_t)y >= K) continue;
-        const float *z = logits + b * K;
-        size_t am = 0;
-        double mx = z[0];
-        for (size_t j = 1; j < K; j++)
-            if (z[j] > mx) {
-                mx = z[j];
-                am = j;
-            }
-        double s = 0.0;
-        for (size_t j = 0; j < K; j++) s += exp((double)z[j] - mx);
-        double lse = mx + log(s);
         double w = class_weight ? class_weight[y] : 1.0;
-        total += w * (lse - (double)z[y]);
+        size_t am = 0;
+        total += w * xent_row(dlogits ? dlogits + b * K : NULL, logits + b * K, K, y, w / norm, &am);
         if (correct) *correct += am == (size_t)y;
-        if (dlogits)
-            for (size_t j = 0; j < K; j++)
-                dlogits[b * K + j] = (float)(w * (exp((double)z[j] - lse) - (j == (size_t)y)) / norm);
     }
     return total / norm;
 }

@@ -5,6 +5,7 @@
 #include "perfcell/layers.h"
 #include "perfcell/linalg.h"
 #include "perfcell/log.h"
+#include "perfcell/loss.h"
 #include "perfcell/tokens.h"
 #include "perfcell/train.h"
 #include "perfcell/util.h"
@@ -411,14 +412,8 @@ double contrastive_step_keys(Contrastive *c, Model *m, const TokenBatch *mbs, si
                 for (size_t b = 0; b < B; b++) {
                     int y = tb->label[b];
                     if (y < 0 || (size_t)y >= L) continue;
-                    const float *zl = c->logits + b * L;
-                    double mx = zl[0], s = 0;
-                    for (size_t j = 1; j < L; j++) mx = zl[j] > mx ? zl[j] : mx;
-                    for (size_t j = 0; j < L; j++) s += exp((double)zl[j] - mx);
-                    double lse = mx + log(s);
-                    label_loss += (lse - zl[y]) / (double)lab_global;
-                    for (size_t j = 0; j < L; j++)
-                        c->dlogits[b * L + j] = (float)((exp((double)zl[j] - lse) - (j == (size_t)y)) * lw);
+                    label_loss += xent_row(c->dlogits + b * L, c->logits + b * L, L, y, lw, NULL) /
+                                  (double)lab_global;
                 }
                 linear_backward(NULL, h.dwl, h.dbl, c->dlogits, c->pooled, h.wl, B, C, L);
                 gemm(0, 0, B, C, L, 1.0f, c->dlogits, L, h.wl, C, 1.0f, c->dpooled, C);

@@ -3,6 +3,7 @@
 
 #include "perfcell/error.h"
 #include "perfcell/layers.h"
+#include "perfcell/loss.h"
 #include "perfcell/rng.h"
 
 #include <math.h>
@@ -63,30 +64,13 @@ double mlm_loss(float *dlogits, const float *logits, const int32_t *target, size
     for (size_t t = 0; t < T; t++) {
         int y = target[t];
         if (y < 0) continue;
-        const float *z = logits + t * V;
         size_t am = 0;
-        double mx = z[0];
-        for (size_t j = 1; j < V; j++)
-            if (z[j] > mx) {
-                mx = z[j];
-                am = j;
-            }
-        double s = 0.0;
-        for (size_t j = 0; j < V; j++) s += exp((double)z[j] - mx);
-        double lse = mx + log(s);
-        double ce = lse - (double)z[y];
+        double ce = xent_row(dlogits ? dlogits + t * V : NULL, logits + t * V, V, y, 1.0 / n_norm, &am);
         total += ce;
         if (st) {
             st->loss_sum += ce;
             st->n++;
             st->correct += am == (size_t)y;
-        }
-        if (dlogits) {
-            float *d = dlogits + t * V;
-            for (size_t j = 0; j < V; j++) {
-                double p = exp((double)z[j] - lse);
-                d[j] = (float)((p - (j == (size_t)y)) / n_norm);
-            }
         }
     }
     return total / n_norm;

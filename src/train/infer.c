@@ -228,3 +228,39 @@ void cell_source_close(CellSource *s) {
     free(s->tmp_count);
     memset(s, 0, sizeof *s);
 }
+
+// ---------------------------------------------------------------------------
+// Shared command-line options
+
+int infer_args_take(InferArgs *a, int argc, char **argv, int *i, const char *command) {
+    const char *opt = argv[*i];
+    char hint[96];
+    snprintf(hint, sizeof hint, "see `perfcell %s --help`", command);
+    if (strcmp(opt, "--use-raw") == 0) {
+        a->use_raw = 1;
+        return 1;
+    }
+    const char **dst = strcmp(opt, "--checkpoint") == 0  ? &a->checkpoint
+                       : strcmp(opt, "--input") == 0     ? &a->input
+                       : strcmp(opt, "--out") == 0       ? &a->out
+                       : strcmp(opt, "--label-key") == 0 ? &a->label_key
+                       : strcmp(opt, "--layer") == 0     ? &a->layer
+                                                         : NULL;
+    int is_batch = strcmp(opt, "--batch") == 0;
+    if (!dst && !is_batch) return 0;
+    if (*i + 1 >= argc) DIE_HINT(hint, "%s needs a value", opt);
+    const char *v = argv[++*i];
+    if (dst) {
+        *dst = v;
+    } else if (str_to_long(v, &a->batch) != 0 || a->batch < 1 || a->batch > 4096) {
+        DIE_HINT("cells per forward pass, 1 to 4096", "--batch '%s' is not valid", v);
+    }
+    return 1;
+}
+
+void infer_args_require(const InferArgs *a, const char *command) {
+    if (a->checkpoint && a->input && a->out) return;
+    char hint[160];
+    snprintf(hint, sizeof hint, "perfcell %s --checkpoint CKPT --input PATH --out FILE", command);
+    DIE_HINT(hint, "--checkpoint, --input and --out are required");
+}
