@@ -150,12 +150,12 @@ int cmd_pretrain(int argc, char **argv) {
              (long long)t.step, (long long)max_steps);
 
     const size_t V = (size_t)mc.bins + 2, C = mc.dim;
-    CellBatch *cbs = xcalloc(local_mb, sizeof *cbs);
+    // One cell buffer (cells are kept only as tokens once tokenised) and the
+    // tokens of every local micro-batch of the step.
+    CellBatch cb;
+    cellbatch_init(&cb);
     TokenBatch *tbs = xcalloc(local_mb, sizeof *tbs);
-    for (size_t i = 0; i < local_mb; i++) {
-        cellbatch_init(&cbs[i]);
-        tokenbatch_init(&tbs[i]);
-    }
+    for (size_t i = 0; i < local_mb; i++) tokenbatch_init(&tbs[i]);
     TokenBatch vtb;
     tokenbatch_init(&vtb);
     float *logits = floats_alloc(max_tokens * V), *dlogits = floats_alloc(max_tokens * V);
@@ -196,9 +196,9 @@ int cmd_pretrain(int argc, char **argv) {
         int ok = 1;
         int64_t local_masked = 0, local_tokens = 0;
         for (size_t i = 0; i < local_mb && ok; i++) {
-            ok = stream_next(t.stream, &cbs[i], NULL) == 0;
+            ok = stream_next(t.stream, &cb, NULL) == 0;
             if (!ok) break;
-            tokens_from_cells(&tbs[i], &cbs[i], &mc, t.seed, t.step);
+            tokens_from_cells(&tbs[i], &cb, &mc, t.seed, t.step);
             local_masked += (int64_t)mlm_mask(&tbs[i], &mc, mask_prob, replace_prob, t.seed, t.step);
             local_tokens += (int64_t)tbs[i].n_tokens;
         }
@@ -328,11 +328,8 @@ int cmd_pretrain(int argc, char **argv) {
 
     if (cc.weight > 0) contrastive_free(&con);
     free(cursor);
-    for (size_t i = 0; i < local_mb; i++) {
-        cellbatch_free(&cbs[i]);
-        tokenbatch_free(&tbs[i]);
-    }
-    free(cbs);
+    cellbatch_free(&cb);
+    for (size_t i = 0; i < local_mb; i++) tokenbatch_free(&tbs[i]);
     free(tbs);
     tokenbatch_free(&vtb);
     free(logits);

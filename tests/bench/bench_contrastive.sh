@@ -47,10 +47,10 @@ print(f"  coordinator (gather, loss, scatter) {coord * 1e3:.2f} ms/step = {coord
 PY
 
 echo
-echo "2. Peak RSS per rank, sub-batch 8, 2 steps, 2 ranks:"
+echo "2. Peak RSS per rank, sub-batch 8, 2 steps, 2 ranks (blocks of 8 cells, so 128 streams all get cells):"
 for G in 64 1024; do
   $MPIRUN -np 2 "$BIN/perfcell" pretrain "${common[@]}" "${con[@]}" run.dir="$WORK/m$G" run.max_steps=2 \
-    run.log_every=1 batch.micro_batch=8 batch.global_batch="$G" >/dev/null
+    run.log_every=1 batch.micro_batch=8 batch.global_batch="$G" data.block_cells=8 >/dev/null
 done
 "$PYTHON" - "$WORK" <<'PY'
 import json, sys
