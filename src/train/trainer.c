@@ -576,6 +576,9 @@ void trainer_install_signals(void) {
     sa.sa_flags = SA_RESTART;
     sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGUSR1, &sa, NULL);
+    // A file-size limit (ulimit -f) must fail the checkpoint write with EFBIG
+    // and a message, not kill the rank.
+    signal(SIGXFSZ, SIG_IGN);
 }
 
 StepFlags trainer_step_flags(Trainer *t, double *last_ckpt_time, double start_time) {
