@@ -3,9 +3,8 @@
 # AddressSanitizer and UBSan), run for a short while each from the seed
 # corpora of tests/fuzz/corpus/, and the saved reproducers of past findings.
 #
-# Time: each harness runs FUZZ_SECONDS (default 30 s), two at a time (one per
-# core of a 2-core CI machine): 8 harnesses take about 2 minutes. 30 s rather
-# than 60 s keeps the whole `make test` within 15 minutes; longer runs:
+# Time: each harness runs FUZZ_SECONDS (default 60 s), two at a time (one per
+# core of a 2-core CI machine): 8 harnesses take about 4 minutes. Longer runs:
 # `tests/fuzz/run_smoke.sh NAME SECONDS`.
 #
 # The HDF5 harnesses fuzz the stored values of their seeds (data mode, see
@@ -15,7 +14,7 @@
 #
 # Without clang and libFuzzer (`make deps` installs them) the suite says so
 # and runs nothing.
-FUZZ_SECONDS=${FUZZ_SECONDS:-30}
+FUZZ_SECONDS=${FUZZ_SECONDS:-60}
 
 fuzz_toolchain() {
   command -v "${FUZZ_CC:-clang}" >/dev/null 2>&1 &&

@@ -1,6 +1,7 @@
 // Unit tests of the common modules: config, keyed RNG, util, error messages.
 #include "perfcell/config.h"
 #include "perfcell/error.h"
+#include "perfcell/h5util.h"
 #include "perfcell/rng.h"
 #include "perfcell/util.h"
 #include "testlib.h"
@@ -183,6 +184,19 @@ static void test_util(void) {
     free(deep);
     T_CHECK(hash_crc32(0, "123456789", 9) == 0xCBF43926u, "crc32 check value");
     T_CHECK(hash_fnv64(HASH_FNV_INIT, "a", 1) == 0xaf63dc4c8601ec8cull, "fnv64 check value");
+    // lookup3's own test vectors (hashlittle with initval 0).
+    T_CHECK(h5_checksum_lookup3("", 0) == 0xdeadbeefu, "lookup3 of nothing");
+    T_CHECK(h5_checksum_lookup3("Four score and seven years ago", 30) == 0x17770551u, "lookup3 check value");
+    unsigned char sb[48] = {0x89, 'H', 'D', 'F', '\r', '\n', 0x1a, '\n', 2, 8, 8, 1};
+    T_CHECK(h5_image_seal(sb, sizeof sb) == 0 && sb[11] == 0, "seal clears the status flags");
+    uint32_t sum = (uint32_t)sb[44] | (uint32_t)sb[45] << 8 | (uint32_t)sb[46] << 16 | (uint32_t)sb[47] << 24;
+    T_CHECK(sum == h5_checksum_lookup3(sb, 44), "seal stores the superblock checksum");
+    T_CHECK(h5_image_seal("not hdf5 at all", 15) != 0, "seal accepts a non-HDF5 image");
+    char *missing = path_join(t_tmpdir(), "no-such-dir/f.bin");
+    T_CHECK(file_write_synced(missing, "x", 1) != 0 && strstr(error_last(), "no-such-dir/f.bin") &&
+                strstr(error_last(), "No such file"),
+            "synced write into a missing folder: %s", error_last());
+    free(missing);
 }
 
 int main(void) {

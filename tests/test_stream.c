@@ -420,12 +420,65 @@ static void test_reader(const Manifest *m) {
     shard_reader_close(r);
 }
 
+// stream_replay gives back every micro-batch of the current step bitwise,
+// in any order, across epoch boundaries, on every rank of a simulated group,
+// with blocks larger than, equal to and smaller than the micro-batch; the
+// stream itself goes on unchanged.
+static void test_replay(const Manifest *m) {
+    const size_t cases[][3] = {{12, 2, 16}, {16, 4, 4}, {8, 4, 3}}; // G, b, block
+    for (size_t ci = 0; ci < sizeof cases / sizeof *cases; ci++) {
+        size_t G = cases[ci][0], b = cases[ci][1], block = cases[ci][2];
+        for (int N = 1; N <= 2; N++) {
+            for (int rank = 0; rank < N; rank++) {
+                StreamConfig c = config(G, b, block, 0.1, 3), r = config(G, b, block, 0.1, 0);
+                Stream *s = stream_open(m, &c, rank, N), *ref = stream_open(m, &r, rank, N);
+                CHECK(s && ref, "%s", error_last());
+                CellBatch x, y;
+                cellbatch_init(&x);
+                cellbatch_init(&y);
+                CellBatch none;
+                cellbatch_init(&none);
+                T_CHECK(stream_replay(s, 0, &none) != 0, "replay before the first micro-batch");
+                size_t mb = stream_local_micro_batches(s);
+                int64_t steps = stream_steps_per_epoch(s) + 3;
+                uint64_t *h = xmalloc(mb * sizeof *h);
+                int bad = 0;
+                for (int64_t st = 0; st < steps && !bad; st++) {
+                    for (size_t i = 0; i < mb; i++) {
+                        CHECK_OK(stream_next(s, &x, NULL));
+                        CHECK_OK(stream_next(ref, &y, NULL));
+                        h[i] = batch_hash(&x);
+                        bad |= h[i] != batch_hash(&y);
+                        // Mid-step: the micro-batches so far replay already.
+                        CHECK_OK(stream_replay(s, i, &y));
+                        bad |= batch_hash(&y) != h[i];
+                    }
+                    for (size_t i = mb; i-- > 0;) { // backwards, after the step
+                        CHECK_OK(stream_replay(s, i, &y));
+                        bad |= batch_hash(&y) != h[i];
+                    }
+                }
+                T_CHECK(!bad, "replay differs (G %zu, b %zu, block %zu, rank %d of %d)", G, b, block,
+                        rank, N);
+                T_CHECK(stream_replay(s, mb, &y) != 0, "replay past the rank's micro-batches");
+                free(h);
+                cellbatch_free(&x);
+                cellbatch_free(&y);
+                cellbatch_free(&none);
+                stream_close(s);
+                stream_close(ref);
+            }
+        }
+    }
+}
+
 static int mode_unit(const char *dir) {
     Manifest m = load_manifest(dir);
     CHECK(m.n_shards >= 2, "the test wants a folder of several shards");
     test_split(&m);
     test_cursor(&m);
     test_orders(&m);
+    test_replay(&m);
     test_concurrent_hdf5(&m);
     test_config_errors(&m);
     test_reader(&m);

@@ -1,5 +1,5 @@
 // Checkpoints: HDF5 files readable with h5py, written by the coordinator rank
-// (rank 0) only, atomically (temporary name, flush, fsync, rename), the last K
+// (rank 0) only, atomically (built in memory, temporary name, fsync, rename), the last K
 // kept, and a `latest` pointer updated last.
 //
 // Layout of ckpt-<step:08d>.h5 (format version 1; HDF5 1.8 file format, whose

@@ -89,19 +89,34 @@ void contrastive_head_backward(Contrastive *c, Model *m, const TokenBatch *tb, c
 // z of the cells of tb for one view (no activations kept beyond this call).
 void contrastive_encode(Contrastive *c, Model *m, const TokenBatch *tb, const PassCtx *ctx, float *z);
 
-// One step's loss and gradients (accumulated into m->grads) for this rank's
-// micro-batches: both passes, the coordinator's loss, and the MLM loss (weight
-// mlm_weight, normalised by n_norm) in pass 2. Returns the contrastive loss
-// (the same on every rank). Collective.
-double contrastive_step(Contrastive *c, Model *m, const TokenBatch *mbs, size_t n_mb,
-                        struct Trainer_ *t, double mlm_weight, double n_norm, MlmStats *st);
+// Where a step's local cells come from: get(ctx, i, pass) returns micro-batch
+// i (0 <= i < n_mb) tokenised and masked, for pass 1 or pass 2 (the same
+// cells, tokens and masks both times). Each pass asks for i = 0, 1, ... once,
+// in order, and uses a batch only until the next call, so a source can read
+// the cells anew in pass 2 rather than keep the step in memory. NULL with
+// error_set() when the cells cannot be read.
+typedef struct {
+    const TokenBatch *(*get)(void *ctx, size_t i, int pass);
+    void *ctx;
+    size_t n_mb;
+    const size_t *n_cells; // (n_mb) cells of each micro-batch (zero allowed)
+} StepCells;
 
-// The same on explicit keys, for tests: local cells are the cells of mbs
-// (any number, zero allowed), sub-batches of cfg.sub_batch cells.
+// One step's loss and gradients (accumulated into m->grads) for this rank's
+// cells: both passes, the coordinator's loss, and the MLM loss (weight
+// mlm_weight, normalised by n_norm, or by the global count of masked
+// positions when n_norm <= 0) in pass 2. Sub-batches of cfg.sub_batch cells
+// may span micro-batches. *loss receives the contrastive loss (the same on
+// every rank). Returns 0; when a rank's source failed, -1 on that rank
+// (error_set() names the fault) and -2 on the others. Collective.
+int contrastive_step_cells(Contrastive *c, Model *m, const StepCells *cells, uint64_t seed,
+                           int64_t step, double mlm_weight, double n_norm, MlmStats *st,
+                           double *loss);
+// The same over micro-batches in memory, for tests: local cells are the
+// cells of mbs (any number, zero allowed). Returns the contrastive loss.
 double contrastive_step_keys(Contrastive *c, Model *m, const TokenBatch *mbs, size_t n_mb,
                              uint64_t seed, int64_t step, double mlm_weight, double n_norm,
                              MlmStats *st);
-
 // Validation: contrastive loss, mean positive / negative similarity,
 // alignment and uniformity (Wang & Isola) on held-out cells; logged and
 // written to the metrics by rank 0. Collective.

@@ -11,7 +11,10 @@
 // any number of ranks and no block is read by two ranks.
 //
 // Blocks are block_cells consecutive cells of one shard (a shard's last block
-// may be shorter); validation cells are skipped inside the blocks.
+// may be shorter); validation cells are skipped inside the blocks. A rank
+// holds at most one partly used block per stream it serves (k / N of them):
+// with block_cells equal to the micro-batch a block is used up by the
+// micro-batch that reads it, and memory does not grow with the global batch.
 //
 // An epoch has as many steps as its shortest stream allows (the few cells
 // left at the end of the longer streams are skipped that epoch; the next
@@ -93,6 +96,14 @@ int64_t stream_train_cells(const Stream *s);
 // -1 with error_set() naming the shard file and the fault (file checksum
 // mismatch, truncated file, corrupt chunk, invalid rows, ...).
 int stream_next(Stream *s, CellBatch *out, size_t *stream_index);
+
+// Micro-batch i (0 <= i < stream_local_micro_batches()) of the step of the
+// micro-batch stream_next() returned last, again: the same cells in the same
+// order, read anew from the shards on the calling thread (its own reader, so
+// the prefetch thread goes on). Lets a step pass over its cells twice without
+// holding them (contrastive divide and conquer). Returns 0, or -1 with
+// error_set().
+int stream_replay(Stream *s, size_t i, CellBatch *out);
 
 // Cursor: epoch, step within the epoch and the k stream positions, as int64
 // values (length stream_cursor_len()) to store in a checkpoint. The cursor is

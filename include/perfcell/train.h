@@ -103,7 +103,7 @@ void trainer_maybe_redraw(Trainer *t);
 double trainer_optimizer_step(Trainer *t, int local_nonfinite_tensor, double *lr_out);
 // Index of the first tensor with a non-finite gradient on this rank (-1 none),
 // to be checked before the all-reduce so the rank at fault is known.
-int trainer_local_nonfinite(const Trainer *t);
+int trainer_local_nonfinite(Trainer *t);
 
 // Stop requests: SIGTERM / SIGUSR1 (cluster pre-emption) set a flag; the
 // flag, the time-based checkpoint and the wall-time budget are agreed on by

@@ -22,6 +22,9 @@ int path_mkdir_p(const char *path);
 int64_t path_file_size(const char *path); // -1 if missing
 // Join two path parts into a new string.
 char *path_join(const char *dir, const char *name);
+// Create or truncate `path`, write `data` and fsync it; on failure the file
+// is removed (no partial file is left).
+int file_write_synced(const char *path, const void *data, size_t n);
 // Write `data` to `path` atomically: temp file, fsync, rename, fsync of the folder.
 int file_write_atomic(const char *path, const void *data, size_t n);
 // fsync a file or directory by path.

@@ -449,23 +449,36 @@ cleanup:
     return rc;
 }
 
-// The whole file under `tmp` (h5_lock held). Closes it before returning, so
-// that every write error, including those HDF5 only meets at close, is seen.
-static int write_file(const char *tmp, const char *path, const CkptState *s) {
+// Whether HDF5 opens `image` as a file (its superblock and root group read
+// back with their checksums), before the image goes to disk.
+static int image_opens(const void *image, size_t n) {
+    hid_t fapl = H5Pcreate(H5P_FILE_ACCESS), file = H5I_INVALID_HID;
+    H5G_info_t info;
+    int ok = fapl >= 0 && H5Pset_fapl_core(fapl, (size_t)1 << 20, 0) >= 0 &&
+             H5Pset_file_image(fapl, (void *)image, n) >= 0 &&
+             (file = H5Fopen("checkpoint-image", H5F_ACC_RDONLY, fapl)) >= 0 && H5Gget_info(file, &info) >= 0 && info.nlinks > 0;
+    if (file >= 0) H5Fclose(file);
+    if (fapl >= 0) H5Pclose(fapl);
+    return ok ? 0 : error_set("the file image HDF5 returned does not open again");
+}
+
+// The whole checkpoint as an HDF5 file image in memory (h5_lock held). The
+// file is built with the core driver and no backing store, so HDF5 never
+// touches the disk: a full disk or a file size limit meets our own write()
+// (file_write_synced) and its error, and a failed write leaves nothing open
+// inside the library. Returns the image (free() it) or NULL with error_set().
+static void *build_image(const char *path, const CkptState *s, size_t *len) {
     hid_t fapl = H5I_INVALID_HID, file = H5I_INVALID_HID;
-    int rc = -1;
-    // The 1.8 file format: checksummed metadata, readable by HDF5 >= 1.8. No
-    // file locking: the temporary file is ours alone, and some parallel file
-    // systems refuse locks.
-    if ((fapl = H5Pcreate(H5P_FILE_ACCESS)) < 0 || H5Pset_fapl_sec2(fapl) < 0 ||
+    void *image = NULL;
+    // The 1.8 file format: checksummed metadata, readable by HDF5 >= 1.8.
+    if ((fapl = H5Pcreate(H5P_FILE_ACCESS)) < 0 || H5Pset_fapl_core(fapl, (size_t)4 << 20, 0) < 0 ||
         H5Pset_libver_bounds(fapl, H5F_LIBVER_V18, H5F_LIBVER_V18) < 0 ||
-        H5Pset_fclose_degree(fapl, H5F_CLOSE_STRONG) < 0 || H5Pset_file_locking(fapl, 0, 1) < 0) {
+        H5Pset_fclose_degree(fapl, H5F_CLOSE_STRONG) < 0) {
         write_fail(path, 0, "setting up file access");
         goto cleanup;
     }
-    errno = 0;
-    if ((file = H5Fcreate(tmp, H5F_ACC_TRUNC, H5P_DEFAULT, fapl)) < 0) {
-        write_fail(path, errno, "creating the temporary file '%s'", tmp);
+    if ((file = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, fapl)) < 0) {
+        write_fail(path, 0, "creating the file in memory");
         goto cleanup;
     }
     const char *config = s->config_ini ? s->config_ini : "";
@@ -477,36 +490,39 @@ static int write_file(const char *tmp, const char *path, const CkptState *s) {
         (s->n_labels > 0 &&
          strings_put(file, path, "labels", (const char *const *)s->labels, s->n_labels, 0) != 0))
         goto cleanup;
-    errno = 0;
-    if (H5Fflush(file, H5F_SCOPE_LOCAL) < 0) {
-        write_fail(path, errno, "flushing '%s'", tmp);
+    // The metadata lives in HDF5's cache until a flush writes it into the
+    // image; without it the image holds the raw data and a stale superblock.
+    if (H5Fflush(file, H5F_SCOPE_GLOBAL) < 0) {
+        write_fail(path, 0, "flushing the file in memory");
         goto cleanup;
     }
-    errno = 0;
-    herr_t closed = H5Fclose(file);
-    file = H5I_INVALID_HID;
-    if (closed < 0) {
-        write_fail(path, errno, "closing '%s'", tmp);
+    ssize_t n = H5Fget_file_image(file, NULL, 0);
+    if (n <= 0) {
+        write_fail(path, 0, "sizing the file image");
         goto cleanup;
     }
-    rc = 0;
+    image = xmalloc((size_t)n);
+    if (H5Fget_file_image(file, image, (size_t)n) != n) {
+        write_fail(path, 0, "copying the file image");
+        free(image);
+        image = NULL;
+        goto cleanup;
+    }
+    if (h5_image_seal(image, (size_t)n) != 0 || image_opens(image, (size_t)n) != 0) {
+        error_wrap("cannot write checkpoint '%s'", path);
+        free(image);
+        image = NULL;
+        goto cleanup;
+    }
+    *len = (size_t)n;
 cleanup:
-    if (file >= 0) H5Fclose(file);
+    if (file >= 0 && H5Fclose(file) < 0 && image) {
+        write_fail(path, 0, "closing the file in memory");
+        free(image);
+        image = NULL;
+    }
     if (fapl >= 0) H5Pclose(fapl);
-    return rc;
-}
-
-static int fsync_file(const char *tmp, const char *path) {
-    int fd = open(tmp, O_RDONLY);
-    if (fd < 0)
-        return error_set("cannot write checkpoint '%s': opening '%s' to sync it: %s", path, tmp,
-                         strerror(errno));
-    int rc = fsync(fd);
-    int err = errno;
-    close(fd);
-    if (rc != 0)
-        return error_set("cannot write checkpoint '%s': fsync of '%s': %s", path, tmp, strerror(err));
-    return 0;
+    return image;
 }
 
 // Programming errors in the state handed to ckpt_write.
@@ -589,10 +605,14 @@ int ckpt_write(const char *dir, const CkptState *s, int keep) {
 
     error_cleanup_add(tmp);
     H5Quiet q;
+    size_t image_len = 0;
     h5_enter(&q);
-    int written = write_file(tmp, path, s);
+    void *image = build_image(path, s, &image_len);
     h5_leave(&q);
-    if (written != 0 || fsync_file(tmp, path) != 0) {
+    int written = image ? file_write_synced(tmp, image, image_len) : -1;
+    if (image && written != 0) error_wrap("cannot write checkpoint '%s'", path);
+    free(image);
+    if (written != 0) {
         unlink(tmp);
         error_cleanup_remove(tmp);
         goto done;

@@ -104,34 +104,41 @@ int path_fsync(const char *path) {
     return 0;
 }
 
-int file_write_atomic(const char *path, const void *data, size_t n) {
-    size_t len = strlen(path);
-    char *tmp = xmalloc(len + 32);
-    snprintf(tmp, len + 32, "%s.tmp.%ld", path, (long)getpid());
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    if (fd < 0) {
-        error_set("cannot create '%s': %s", tmp, strerror(errno));
-        free(tmp);
-        return -1;
-    }
+int file_write_synced(const char *path, const void *data, size_t n) {
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) return error_set("cannot create '%s': %s", path, strerror(errno));
     const char *p = data;
     size_t left = n;
     while (left > 0) {
         ssize_t w = write(fd, p, left);
         if (w < 0) {
             if (errno == EINTR) continue;
-            error_set("cannot write '%s': %s", tmp, strerror(errno));
+            int e = errno;
             close(fd);
-            unlink(tmp);
-            free(tmp);
-            return -1;
+            unlink(path);
+            return error_set("cannot write '%s': %s", path, strerror(e));
         }
         p += w;
         left -= (size_t)w;
     }
-    if (fsync(fd) != 0 || close(fd) != 0) {
-        error_set("cannot flush '%s': %s", tmp, strerror(errno));
-        unlink(tmp);
+    int rc = fsync(fd);
+    int e = errno;
+    if (close(fd) != 0 && rc == 0) {
+        rc = -1;
+        e = errno;
+    }
+    if (rc != 0) {
+        unlink(path);
+        return error_set("cannot write '%s': flushing it to disk: %s", path, strerror(e));
+    }
+    return 0;
+}
+
+int file_write_atomic(const char *path, const void *data, size_t n) {
+    size_t len = strlen(path);
+    char *tmp = xmalloc(len + 32);
+    snprintf(tmp, len + 32, "%s.tmp.%ld", path, (long)getpid());
+    if (file_write_synced(tmp, data, n) != 0) {
         free(tmp);
         return -1;
     }

@@ -275,69 +275,143 @@ void contrastive_encode(Contrastive *c, Model *m, const TokenBatch *tb, const Pa
 // ---------------------------------------------------------------------------
 // Sub-batches over the cells of several micro-batches
 
-// Cells [c0, c1) of the concatenation of mbs, copied into c->sub.
-static void build_sub(Contrastive *c, const TokenBatch *mbs, size_t n_mb, size_t c0, size_t c1) {
-    TokenBatch *s = &c->sub;
-    size_t n = c1 - c0, tokens = 0, k = 0;
-    // Find the cells and count tokens.
-    for (size_t pass = 0; pass < 2; pass++) {
-        size_t idx = 0, out = 0, t = 0;
-        for (size_t mb = 0; mb < n_mb; mb++) {
-            const TokenBatch *tb = &mbs[mb];
-            for (size_t b = 0; b < tb->n_cells; b++, idx++) {
-                if (idx < c0 || idx >= c1) continue;
-                size_t a0 = (size_t)tb->offset[b], len = (size_t)tb->offset[b + 1] - a0;
-                if (pass == 0) {
-                    tokens += len;
-                    continue;
-                }
-                s->offset[out] = (int64_t)t;
-                s->cell_id[out] = tb->cell_id[b];
-                s->label[out] = tb->label[b];
-                memcpy(s->token + t, tb->token + a0, len * sizeof *s->token);
-                memcpy(s->gene + t, tb->gene + a0, len * sizeof *s->gene);
-                memcpy(s->target + t, tb->target + a0, len * sizeof *s->target);
-                t += len;
-                out++;
-            }
-        }
-        if (pass == 0) {
-            tokenbatch_reserve(s, n, tokens);
-        } else {
-            s->offset[out] = (int64_t)t;
-            k = out;
-        }
-    }
-    s->n_cells = k;
-    s->n_tokens = tokens;
-    CHECK(k == n && s->n_cells <= c->sub_cap_cells && s->n_tokens <= c->sub_cap_tokens,
-          "internal: contrastive sub-batch of %zu cells / %zu tokens exceeds the arena", k, tokens);
+// Reading a step's micro-batches in order, one at a time, in one pass.
+typedef struct {
+    const StepCells *cells;
+    int pass;
+    size_t next;            // the next micro-batch to fetch
+    size_t cur;             // the micro-batch in `tb` (valid when next > 0)
+    size_t cur_first;       // its first cell among the step's local cells
+    size_t next_first;      // first cell of micro-batch `next`
+    const TokenBatch *tb;
+    int64_t masked;         // masked positions seen (pass 1)
+    int failed;
+} Fetch;
+
+static void fetch_start(Fetch *f, const StepCells *cells, int pass) {
+    memset(f, 0, sizeof *f);
+    f->cells = cells;
+    f->pass = pass;
 }
 
-double contrastive_step_keys(Contrastive *c, Model *m, const TokenBatch *mbs, size_t n_mb,
-                             uint64_t seed, int64_t step, double mlm_weight, double n_norm,
-                             MlmStats *st) {
+// Fetch micro-batches up to and including the one holding local cell `cell`.
+static const TokenBatch *fetch_upto(Fetch *f, size_t cell) {
+    while (!f->failed && (f->next == 0 || cell >= f->cur_first + f->tb->n_cells)) {
+        if (f->next == f->cells->n_mb) {
+            f->failed = 1;
+            error_set("internal: local cell %zu is past the step's micro-batches", cell);
+            break;
+        }
+        const TokenBatch *tb = f->cells->get(f->cells->ctx, f->next, f->pass);
+        if (!tb) {
+            f->failed = 1;
+            break;
+        }
+        if (tb->n_cells != f->cells->n_cells[f->next]) {
+            f->failed = 1;
+            error_set("internal: micro-batch %zu holds %zu cells in pass %d, expected %zu", f->next,
+                      tb->n_cells, f->pass, f->cells->n_cells[f->next]);
+            break;
+        }
+        for (size_t t = 0; t < tb->n_tokens; t++) f->masked += tb->target[t] >= 0;
+        f->tb = tb;
+        f->cur = f->next++;
+        f->cur_first = f->next_first;
+        f->next_first += tb->n_cells;
+    }
+    return f->failed ? NULL : f->tb;
+}
+
+// The rest of the pass's micro-batches (cells nobody asked for: a step of
+// empty micro-batches), so that every source sees each one once per pass.
+static void fetch_finish(Fetch *f) {
+    while (!f->failed && f->next < f->cells->n_mb) {
+        if (f->cells->n_cells[f->next] == 0) {
+            const TokenBatch *tb = f->cells->get(f->cells->ctx, f->next, f->pass);
+            if (!tb) f->failed = 1;
+            f->next++;
+        } else {
+            fetch_upto(f, f->next_first);
+        }
+    }
+}
+
+// Local cells [c0, c1) of the step, copied into c->sub; 0, or -1 when a
+// micro-batch could not be read.
+static int build_sub(Contrastive *c, Fetch *f, size_t c0, size_t c1) {
+    TokenBatch *s = &c->sub;
+    size_t out = 0, t = 0;
+    for (size_t cell = c0; cell < c1;) {
+        const TokenBatch *tb = fetch_upto(f, cell);
+        if (!tb) return -1;
+        size_t b0 = cell - f->cur_first, b1 = c1 - f->cur_first < tb->n_cells ? c1 - f->cur_first : tb->n_cells;
+        size_t a0 = (size_t)tb->offset[b0], a1 = (size_t)tb->offset[b1];
+        CHECK(out + (b1 - b0) <= c->sub_cap_cells && t + (a1 - a0) <= c->sub_cap_tokens,
+              "internal: contrastive sub-batch of %zu cells / %zu tokens exceeds the arena", out + (b1 - b0),
+              t + (a1 - a0));
+        for (size_t b = b0; b < b1; b++, out++) {
+            s->offset[out] = (int64_t)t + (tb->offset[b] - (int64_t)a0);
+            s->cell_id[out] = tb->cell_id[b];
+            s->label[out] = tb->label[b];
+        }
+        memcpy(s->token + t, tb->token + a0, (a1 - a0) * sizeof *s->token);
+        memcpy(s->gene + t, tb->gene + a0, (a1 - a0) * sizeof *s->gene);
+        memcpy(s->target + t, tb->target + a0, (a1 - a0) * sizeof *s->target);
+        t += a1 - a0;
+        cell += b1 - b0;
+    }
+    s->offset[out] = (int64_t)t;
+    s->n_cells = out;
+    s->n_tokens = t;
+    return 0;
+}
+
+// Whether every rank got through its reads; collective. 0, -1 where this
+// rank failed (its error_set() stands), -2 where another rank failed.
+static int all_read(Contrastive *c, int failed, int pass) {
+    int any = 0;
+    CHECK_MPI(MPI_Allreduce(&failed, &any, 1, MPI_INT, MPI_MAX, c->comm));
+    if (!any) return 0;
+    if (failed) return -1;
+    error_set("another rank could not read its cells in pass %d of the step", pass);
+    return -2;
+}
+
+int contrastive_step_cells(Contrastive *c, Model *m, const StepCells *cells, uint64_t seed,
+                           int64_t step, double mlm_weight, double n_norm, MlmStats *st,
+                           double *loss_out) {
     const size_t D = c->cfg.proj_dim, C = m->cfg.dim, V = (size_t)m->cfg.bins + 2;
     HeadParams h = head_params(m);
-    size_t n_local = 0, labelled = 0;
-    for (size_t i = 0; i < n_mb; i++) {
-        n_local += mbs[i].n_cells;
-        for (size_t b = 0; b < mbs[i].n_cells; b++) labelled += mbs[i].label[b] >= 0;
-    }
+    size_t n_local = 0;
+    for (size_t i = 0; i < cells->n_mb; i++) n_local += cells->n_cells[i];
     CHECK(n_local <= c->cap_cells, "internal: %zu local cells exceed the contrastive buffers (%zu)",
           n_local, c->cap_cells);
-    size_t sub = c->cfg.sub_batch ? c->cfg.sub_batch : (n_mb ? mbs[0].n_cells : 1);
+    size_t sub = c->cfg.sub_batch ? c->cfg.sub_batch : (cells->n_mb ? cells->n_cells[0] : 1);
     if (sub == 0) sub = 1;
     if (sub > c->sub_cap_cells) sub = c->sub_cap_cells;
+    tokenbatch_reserve(&c->sub, c->sub_cap_cells, c->sub_cap_tokens);
 
-    // Pass 1: z of both views, no activations kept.
-    for (size_t c0 = 0; c0 < n_local; c0 += sub) {
+    // Pass 1: z of both views, no activations kept; labelled cells and masked
+    // positions counted on the way.
+    Fetch f;
+    fetch_start(&f, cells, 1);
+    size_t labelled = 0;
+    for (size_t c0 = 0; c0 < n_local && !f.failed; c0 += sub) {
         size_t c1 = c0 + sub < n_local ? c0 + sub : n_local;
-        build_sub(c, mbs, n_mb, c0, c1);
+        if (build_sub(c, &f, c0, c1) != 0) break;
+        for (size_t b = 0; b < c->sub.n_cells; b++) labelled += c->sub.label[b] >= 0;
         for (int view = 0; view < 2; view++) {
             PassCtx ctx = {seed, step, view, 1};
             contrastive_encode(c, m, &c->sub, &ctx, (view ? c->zb : c->za) + c0 * D);
         }
+    }
+    fetch_finish(&f);
+    int rc = all_read(c, f.failed, 1);
+    if (rc != 0) return rc;
+    if (!(n_norm > 0)) {
+        int64_t g = 0;
+        CHECK_MPI(MPI_Allreduce(&f.masked, &g, 1, MPI_INT64_T, MPI_SUM, c->comm));
+        n_norm = g > 0 ? (double)g : 1.0;
     }
 
     // The coordinator's loss over the global batch.
@@ -379,10 +453,12 @@ double contrastive_step_keys(Contrastive *c, Model *m, const TokenBatch *mbs, si
         CHECK_MPI(MPI_Allreduce(&lab_local, &lab_global, 1, MPI_INT64_T, MPI_SUM, c->comm));
     double label_loss = 0.0;
 
-    // Pass 2: re-encode with activations and back-propagate.
-    for (size_t c0 = 0; c0 < n_local; c0 += sub) {
+    // Pass 2: the same cells again (the source reads them anew), re-encoded
+    // with activations, and back-propagated.
+    fetch_start(&f, cells, 2);
+    for (size_t c0 = 0; c0 < n_local && !f.failed; c0 += sub) {
         size_t c1 = c0 + sub < n_local ? c0 + sub : n_local;
-        build_sub(c, mbs, n_mb, c0, c1);
+        if (build_sub(c, &f, c0, c1) != 0) break;
         const TokenBatch *tb = &c->sub;
         const size_t B = tb->n_cells, T = tb->n_tokens;
         for (int view = 0; view < 2; view++) {
@@ -422,17 +498,39 @@ double contrastive_step_keys(Contrastive *c, Model *m, const TokenBatch *mbs, si
             model_backward(m, tb, &ctx, c->dhidden);
         }
     }
+    fetch_finish(&f);
+    if ((rc = all_read(c, f.failed, 2)) != 0) return rc;
     if (use_labels) {
         double g = 0;
         CHECK_MPI(MPI_Allreduce(&label_loss, &g, 1, MPI_DOUBLE, MPI_SUM, c->comm));
         c->label_loss = g;
     }
-    return c->loss;
+    *loss_out = c->loss;
+    return 0;
 }
 
-double contrastive_step(Contrastive *c, Model *m, const TokenBatch *mbs, size_t n_mb,
-                        struct Trainer_ *t, double mlm_weight, double n_norm, MlmStats *st) {
-    return contrastive_step_keys(c, m, mbs, n_mb, t->seed, t->step, mlm_weight, n_norm, st);
+// The array source of contrastive_step_keys: both passes see the same batches.
+typedef struct {
+    const TokenBatch *mbs;
+} ArrayCells;
+
+static const TokenBatch *array_get(void *ctx, size_t i, int pass) {
+    (void)pass;
+    return &((ArrayCells *)ctx)->mbs[i];
+}
+
+double contrastive_step_keys(Contrastive *c, Model *m, const TokenBatch *mbs, size_t n_mb,
+                             uint64_t seed, int64_t step, double mlm_weight, double n_norm,
+                             MlmStats *st) {
+    ArrayCells a = {mbs};
+    size_t *n_cells = xcalloc(n_mb ? n_mb : 1, sizeof *n_cells);
+    for (size_t i = 0; i < n_mb; i++) n_cells[i] = mbs[i].n_cells;
+    StepCells cells = {array_get, &a, n_mb, n_cells};
+    double loss = NAN;
+    CHECK(contrastive_step_cells(c, m, &cells, seed, step, mlm_weight, n_norm, st, &loss) == 0,
+          "internal: contrastive step over cells in memory: %s", error_last());
+    free(n_cells);
+    return loss;
 }
 
 // ---------------------------------------------------------------------------

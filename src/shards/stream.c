@@ -74,7 +74,14 @@ struct Stream {
     int stop, failed;
     char err[1024];
 
-    ShardReader *val_reader; // stream_for_each_validation's own reader
+    // The calling thread's own reader (validation cells, replays).
+    ShardReader *own_reader;
+
+    // Replay (stream_replay): the step of the last micro-batch returned.
+    int r_valid;
+    int64_t r_epoch, r_step, r_perm_epoch;
+    uint32_t *r_perm; // (n_blocks) that epoch's permutation, planned lazily
+    LocalStream r_ls;
 };
 
 int stream_is_validation(uint64_t split_seed, double val_fraction, int64_t cell_id) {
@@ -112,6 +119,18 @@ static int64_t plan_epoch(const Stream *s, int64_t epoch, uint32_t *perm) {
 // ===========================================================================
 // Reading side
 
+// Place L (its stream j set) where its stream is at the start of `step` of
+// the epoch whose block permutation is perm: step * b training cells consumed.
+static void position(const Stream *s, const uint32_t *perm, int64_t step, LocalStream *L) {
+    int64_t left = step * (int64_t)s->cfg.micro_batch;
+    L->t = 0;
+    for (size_t p = L->j; p < s->n_blocks && left >= s->blocks[perm[p]].train; p += s->k) {
+        left -= s->blocks[perm[p]].train;
+        L->t++;
+    }
+    L->off = (size_t)left;
+}
+
 // Position the reading side at (epoch, step): every stream has consumed
 // step * b training cells of its blocks.
 static int reader_seek(Stream *s, int64_t epoch, int64_t step) {
@@ -120,27 +139,17 @@ static int reader_seek(Stream *s, int64_t epoch, int64_t step) {
     if (s->p_steps == 0) return -1;
     s->p_step = step;
     s->p_local = 0;
-    int64_t pos = step * (int64_t)s->cfg.micro_batch;
-    for (size_t l = 0; l < s->m; l++) {
-        LocalStream *L = &s->ls[l];
-        int64_t left = pos;
-        L->t = 0;
-        for (size_t p = L->j; p < s->n_blocks && left >= s->blocks[s->p_perm[p]].train; p += s->k) {
-            left -= s->blocks[s->p_perm[p]].train;
-            L->t++;
-        }
-        L->off = (size_t)left;
-    }
+    for (size_t l = 0; l < s->m; l++) position(s, s->p_perm, step, &s->ls[l]);
     return 0;
 }
 
 // Read block `blk` of stream L into its cache, with the order in which its
 // training cells are handed out.
-static int load_block(Stream *s, LocalStream *L, uint32_t blk) {
+static int load_block(Stream *s, ShardReader *reader, int64_t epoch, LocalStream *L, uint32_t blk) {
     const Block *B = &s->blocks[blk];
     L->cached = NO_BLOCK;
     cellbatch_clear(&L->cache);
-    if (shard_reader_read(s->reader, B->first, B->first + B->n, &L->cache) != 0) return -1;
+    if (shard_reader_read(reader, B->first, B->first + B->n, &L->cache) != 0) return -1;
     size_t nt = 0;
     for (size_t i = 0; i < L->cache.n; i++)
         if (!stream_is_validation(s->cfg.split_seed, s->cfg.val_fraction, L->cache.cell_id[i]))
@@ -149,11 +158,48 @@ static int load_block(Stream *s, LocalStream *L, uint32_t blk) {
         return error_set("%s: block at cell %lld holds %zu training cells, expected %u",
                          shard_reader_manifest(s->reader)->folder, (long long)B->first, nt,
                          B->train);
-    Rng r = rng_init(s->cfg.seed, RNG_SHUFFLE, SHUFFLE_CELLS, (uint64_t)s->p_epoch, blk);
+    Rng r = rng_init(s->cfg.seed, RNG_SHUFFLE, SHUFFLE_CELLS, (uint64_t)epoch, blk);
     rng_shuffle_u32(&r, L->order, nt);
     L->cached = blk;
-    L->cached_epoch = s->p_epoch;
-    if (s->hook) s->hook(s->hook_ctx, s->p_epoch, L->j, blk, B->first, B->n);
+    L->cached_epoch = epoch;
+    if (s->hook && reader == s->reader) s->hook(s->hook_ctx, epoch, L->j, blk, B->first, B->n);
+    return 0;
+}
+
+// The next micro-batch of stream L (positioned in `epoch`, whose permutation
+// is perm) into `out`. A block is cached in L only while it still has cells to
+// hand out, so memory holds at most one partly used block per stream.
+static int take(Stream *s, ShardReader *reader, int64_t epoch, const uint32_t *perm, LocalStream *L,
+                CellBatch *out) {
+    size_t need = s->cfg.micro_batch;
+    cellbatch_clear(out);
+    while (need > 0) {
+        size_t p = L->j + L->t * s->k;
+        if (p >= s->n_blocks)
+            return error_set("internal: stream %zu ran out of blocks in epoch %lld", L->j,
+                             (long long)epoch);
+        uint32_t blk = perm[p];
+        size_t train = s->blocks[blk].train;
+        if (L->off < train) {
+            if (L->cached != blk || L->cached_epoch != epoch) {
+                if (load_block(s, reader, epoch, L, blk) != 0) return -1;
+            }
+            size_t n = train - L->off < need ? train - L->off : need;
+            for (size_t i = L->off; i < L->off + n; i++)
+                cellbatch_append(out, &L->cache, L->order[i], L->order[i] + 1);
+            L->off += n;
+            need -= n;
+        }
+        if (L->off == train) {
+            L->t++;
+            L->off = 0;
+            if (L->cached == blk) {
+                cellbatch_free(&L->cache);
+                cellbatch_init(&L->cache);
+                L->cached = NO_BLOCK;
+            }
+        }
+    }
     return 0;
 }
 
@@ -163,30 +209,7 @@ static int produce(Stream *s, CellBatch *out, size_t *j_out) {
     // epoch without steps fails that call, not the last batch of the previous.
     if (s->p_step == s->p_steps && reader_seek(s, s->p_epoch + 1, 0) != 0) return -1;
     LocalStream *L = &s->ls[s->p_local];
-    size_t need = s->cfg.micro_batch;
-    cellbatch_clear(out);
-    while (need > 0) {
-        size_t p = L->j + L->t * s->k;
-        if (p >= s->n_blocks)
-            return error_set("internal: stream %zu ran out of blocks in epoch %lld", L->j,
-                             (long long)s->p_epoch);
-        uint32_t blk = s->p_perm[p];
-        size_t train = s->blocks[blk].train;
-        if (L->off < train) {
-            if (L->cached != blk || L->cached_epoch != s->p_epoch) {
-                if (load_block(s, L, blk) != 0) return -1;
-            }
-            size_t take = train - L->off < need ? train - L->off : need;
-            for (size_t i = L->off; i < L->off + take; i++)
-                cellbatch_append(out, &L->cache, L->order[i], L->order[i] + 1);
-            L->off += take;
-            need -= take;
-        }
-        if (L->off == train) {
-            L->t++;
-            L->off = 0;
-        }
-    }
+    if (take(s, s->reader, s->p_epoch, s->p_perm, L, out) != 0) return -1;
     *j_out = L->j;
     if (++s->p_local == s->m) {
         s->p_local = 0;
@@ -298,6 +321,10 @@ Stream *stream_open(const Manifest *m, const StreamConfig *cfg, int rank, int si
         s->ls[l].order = xmalloc(c.block_cells * sizeof *s->ls[l].order);
         cellbatch_init(&s->ls[l].cache);
     }
+    s->r_perm_epoch = -1;
+    s->r_ls.cached = NO_BLOCK;
+    s->r_ls.order = xmalloc(c.block_cells * sizeof *s->r_ls.order);
+    cellbatch_init(&s->r_ls.cache);
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->filled, NULL);
     pthread_cond_init(&s->freed, NULL);
@@ -328,8 +355,11 @@ void stream_close(Stream *s) {
         free(s->ls[l].order);
     }
     free(s->ls);
+    cellbatch_free(&s->r_ls.cache);
+    free(s->r_ls.order);
+    free(s->r_perm);
     shard_reader_close(s->reader);
-    shard_reader_close(s->val_reader);
+    shard_reader_close(s->own_reader);
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->filled);
     pthread_cond_destroy(&s->freed);
@@ -391,6 +421,11 @@ int stream_next(Stream *s, CellBatch *out, size_t *stream_index) {
         pthread_mutex_unlock(&s->mu);
     }
     if (stream_index) *stream_index = j;
+    if (s->c_local == 0) {
+        s->r_valid = 1;
+        s->r_epoch = s->c_epoch;
+        s->r_step = s->c_step;
+    }
     if (++s->c_local == s->m) {
         s->c_local = 0;
         if (++s->c_step == s->c_steps) {
@@ -443,6 +478,33 @@ int stream_cursor_set(Stream *s, const int64_t *cur, size_t len) {
     return 0;
 }
 
+// The calling thread's reader, opened on first use.
+static ShardReader *own_reader(Stream *s) {
+    if (!s->own_reader)
+        s->own_reader =
+            shard_reader_open_manifest(shard_reader_manifest(s->reader),
+                                       SHARD_LAZY | (s->cfg.skip_file_crc ? 0 : SHARD_CHECK_CRC));
+    return s->own_reader;
+}
+
+// ===========================================================================
+// Replay
+
+int stream_replay(Stream *s, size_t i, CellBatch *out) {
+    if (!s->r_valid) return error_set("stream: no micro-batch returned yet, nothing to replay");
+    if (i >= s->m)
+        return error_set("stream: micro-batch %zu of a step replayed, this rank has %zu", i, s->m);
+    if (s->r_perm_epoch != s->r_epoch) {
+        if (!s->r_perm) s->r_perm = xmalloc((s->n_blocks ? s->n_blocks : 1) * sizeof *s->r_perm);
+        if (plan_epoch(s, s->r_epoch, s->r_perm) == 0) return -1;
+        s->r_perm_epoch = s->r_epoch;
+    }
+    LocalStream *L = &s->r_ls;
+    L->j = (size_t)s->rank + i * (size_t)s->size;
+    position(s, s->r_perm, s->r_step, L);
+    return take(s, own_reader(s), s->r_epoch, s->r_perm, L, out);
+}
+
 // ===========================================================================
 // Validation
 
@@ -452,17 +514,14 @@ int stream_for_each_validation(Stream *s, size_t batch, size_t max_cells, Stream
     size_t N = (size_t)s->size, total = s->n_val;
     if (max_cells && max_cells < (total + N - 1) / N) total = max_cells * N;
     size_t lo = total * (size_t)s->rank / N, hi = total * ((size_t)s->rank + 1) / N;
-    if (!s->val_reader)
-        s->val_reader =
-            shard_reader_open_manifest(shard_reader_manifest(s->reader),
-                                       SHARD_LAZY | (s->cfg.skip_file_crc ? 0 : SHARD_CHECK_CRC));
+    ShardReader *reader = own_reader(s);
     CellBatch b;
     cellbatch_init(&b);
     int rc = 0;
     for (size_t i = lo; i < hi && rc == 0; i += batch) {
         size_t n = hi - i < batch ? hi - i : batch;
         cellbatch_clear(&b);
-        if (shard_reader_read_ids(s->val_reader, s->val_ids + i, n, &b) != 0)
+        if (shard_reader_read_ids(reader, s->val_ids + i, n, &b) != 0)
             rc = -1;
         else
             rc = cb(&b, ctx);

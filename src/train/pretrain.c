@@ -57,6 +57,36 @@ static int val_batch(const CellBatch *cb, void *p) {
     return 0;
 }
 
+// The contrastive step's cells, straight from the stream: pass 1 takes the
+// step's micro-batches with stream_next(), pass 2 reads the same ones again
+// with stream_replay(), so the step never holds more than a micro-batch of
+// cells whatever the global batch.
+typedef struct {
+    Trainer *t;
+    const ModelConfig *mc;
+    CellBatch cb;
+    TokenBatch tb;
+    double mask_prob, replace_prob;
+    int64_t tokens; // pass 1
+} StreamCells;
+
+static const TokenBatch *stream_cells_get(void *p, size_t i, int pass) {
+    StreamCells *s = p;
+    int rc = pass == 1 ? stream_next(s->t->stream, &s->cb, NULL) : stream_replay(s->t->stream, i, &s->cb);
+    if (rc != 0) return NULL;
+    tokens_from_cells(&s->tb, &s->cb, s->mc, s->t->seed, s->t->step);
+    mlm_mask(&s->tb, s->mc, s->mask_prob, s->replace_prob, s->t->seed, s->t->step);
+    if (pass == 1) s->tokens += (int64_t)s->tb.n_tokens;
+    return &s->tb;
+}
+
+static void read_failed(const Trainer *t, int failed_here) {
+    if (failed_here) fprintf(stderr, "[rank %d] error: %s\n", t->rank, error_last());
+    DIE_HINT("run `perfcell-inspect --verify` on the shard folder; resume with --resume auto "
+             "after fixing it",
+             "reading the training cells failed at step %lld", (long long)t->step);
+}
+
 // Validation masked loss and accuracy over (at most run.val_cells) held-out
 // cells. Collective.
 static void validate(Trainer *t, const ModelConfig *mc, TokenBatch *tb, float *logits,
@@ -156,6 +186,12 @@ int cmd_pretrain(int argc, char **argv) {
     cellbatch_init(&cb);
     TokenBatch *tbs = xcalloc(local_mb, sizeof *tbs);
     for (size_t i = 0; i < local_mb; i++) tokenbatch_init(&tbs[i]);
+    StreamCells scells = {.t = &t, .mc = &mc};
+    cellbatch_init(&scells.cb);
+    tokenbatch_init(&scells.tb);
+    size_t *mb_cells = xmalloc(local_mb * sizeof *mb_cells);
+    for (size_t i = 0; i < local_mb; i++) mb_cells[i] = b;
+    const StepCells step_cells = {stream_cells_get, &scells, local_mb, mb_cells};
     TokenBatch vtb;
     tokenbatch_init(&vtb);
     float *logits = floats_alloc(max_tokens * V), *dlogits = floats_alloc(max_tokens * V);
@@ -167,6 +203,8 @@ int cmd_pretrain(int argc, char **argv) {
     const ParamEntry *eb = param_table_find(&t.model.table, "to_out.bias");
     const double mask_prob = config_float(cfg, "mlm.mask_prob");
     const double replace_prob = config_float(cfg, "mlm.replace_prob");
+    scells.mask_prob = mask_prob;
+    scells.replace_prob = replace_prob;
     const double mlm_weight = config_float(cfg, "mlm.weight");
     const int64_t log_every = config_int(cfg, "run.log_every");
     const int64_t val_every = config_int(cfg, "run.val_every");
@@ -187,41 +225,46 @@ int cmd_pretrain(int argc, char **argv) {
     int64_t *cursor = xcalloc(stream_cursor_len(t.stream), sizeof *cursor);
     const double start = time_now();
     double last_ckpt = start, window_t = 0;
-    int64_t window_steps = 0, last_ckpt_step = t.step;
+    int64_t window_steps = 0, window_skipped = 0, last_ckpt_step = t.step;
     double win[4] = {0}; // loss_sum, n, correct, tokens over the log window
     while (t.step < max_steps) {
         double t0 = time_now();
         trainer_maybe_redraw(&t);
-        // Read, tokenise and mask this rank's micro-batches.
-        int ok = 1;
-        int64_t local_masked = 0, local_tokens = 0;
-        for (size_t i = 0; i < local_mb && ok; i++) {
-            ok = stream_next(t.stream, &cb, NULL) == 0;
-            if (!ok) break;
-            tokens_from_cells(&tbs[i], &cb, &mc, t.seed, t.step);
-            local_masked += (int64_t)mlm_mask(&tbs[i], &mc, mask_prob, replace_prob, t.seed, t.step);
-            local_tokens += (int64_t)tbs[i].n_tokens;
-        }
-        int all_ok = 0;
-        CHECK_MPI(MPI_Allreduce(&ok, &all_ok, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD));
-        if (!all_ok) {
-            if (!ok) fprintf(stderr, "[rank %d] error: %s\n", t.rank, error_last());
-            DIE_HINT("run `perfcell-inspect --verify` on the shard folder; resume with --resume auto "
-                     "after fixing it",
-                     "reading the training cells failed at step %lld", (long long)t.step);
-        }
-        int64_t global_masked = 0;
-        CHECK_MPI(MPI_Allreduce(&local_masked, &global_masked, 1, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD));
-        const double n_norm = global_masked > 0 ? (double)global_masked : 1.0;
-
         model_zero_grad(&t.model);
         MlmStats st = {0};
         double closs = 0;
         int loss_bad = 0;
+        int64_t local_tokens = 0;
         if (cc.weight > 0) {
-            closs = contrastive_step(&con, &t.model, tbs, local_mb, &t, mlm_weight, n_norm, &st);
+            // The step reads its cells itself, once per pass.
+            scells.tokens = 0;
+            int64_t mismatch = con.z_mismatch;
+            int crc = contrastive_step_cells(&con, &t.model, &step_cells, t.seed, t.step, mlm_weight, 0,
+                                            &st, &closs);
+            if (crc != 0) read_failed(&t, crc == -1);
+            if (con.z_mismatch != mismatch)
+                log_warn("step %lld: pass 2 re-encoded %lld sub-batches to another z than pass 1; the "
+                         "contrastive gradient of this step is approximate",
+                         (long long)t.step, (long long)(con.z_mismatch - mismatch));
+            local_tokens = scells.tokens;
             loss_bad |= !isfinite(closs);
         } else {
+            // Read, tokenise and mask this rank's micro-batches.
+            int ok = 1;
+            int64_t local_masked = 0;
+            for (size_t i = 0; i < local_mb && ok; i++) {
+                ok = stream_next(t.stream, &cb, NULL) == 0;
+                if (!ok) break;
+                tokens_from_cells(&tbs[i], &cb, &mc, t.seed, t.step);
+                local_masked += (int64_t)mlm_mask(&tbs[i], &mc, mask_prob, replace_prob, t.seed, t.step);
+                local_tokens += (int64_t)tbs[i].n_tokens;
+            }
+            int all_ok = 0;
+            CHECK_MPI(MPI_Allreduce(&ok, &all_ok, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD));
+            if (!all_ok) read_failed(&t, !ok);
+            int64_t global_masked = 0;
+            CHECK_MPI(MPI_Allreduce(&local_masked, &global_masked, 1, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD));
+            const double n_norm = global_masked > 0 ? (double)global_masked : 1.0;
             const float *w = t.model.params + ew->offset, *bb = t.model.params + eb->offset;
             float *dw = t.model.grads + ew->offset, *db = t.model.grads + eb->offset;
             PassCtx ctx = {t.seed, t.step, 0, 1};
@@ -257,6 +300,7 @@ int cmd_pretrain(int argc, char **argv) {
         for (int j = 0; j < 4; j++) win[j] += out[j];
         window_t += dt;
         window_steps++;
+        window_skipped += gnorm < 0;
 
         if (t.step % log_every == 0 || t.step == max_steps) {
             // The epoch the stream is in (the cursor's first value).
@@ -267,16 +311,22 @@ int cmd_pretrain(int argc, char **argv) {
             fmt_duration((double)(max_steps - t.step) * window_t / (double)window_steps, eta);
             char cl[64] = "";
             if (cc.weight > 0) snprintf(cl, sizeof cl, " | contrastive %.4f", out[4] / t.size);
-            log_info("step %lld/%lld | epoch %lld | loss %.4f | acc %.4f%s | lr %.2e | gnorm %.3g | "
+            char gn[48];
+            if (gnorm < 0) snprintf(gn, sizeof gn, "skipped (NaN/Inf)");
+            else snprintf(gn, sizeof gn, "%.3g", gnorm);
+            log_info("step %lld/%lld | epoch %lld | loss %.4f | acc %.4f%s | lr %.2e | gnorm %s | "
                      "%.1f cells/s | %.3g tokens/s | ETA %s",
                      (long long)t.step, (long long)max_steps, (long long)cursor[0],
-                     loss, acc, cl, lr, gnorm, cps, tps, eta);
+                     loss, acc, cl, lr, gn, cps, tps, eta);
+            // A skipped step (run.nan_policy = skip) has no gradient norm: null.
+            if (gnorm < 0) snprintf(gn, sizeof gn, "null");
             char js[512];
             snprintf(js, sizeof js,
-                     "\"loss\":%.6f,\"acc\":%.6f,\"lr\":%.6e,\"grad_norm\":%.6g,\"cells_per_s\":%.3f,"
-                     "\"tokens_per_s\":%.1f,\"step_s\":%.4f,\"allreduce_s\":%.4f,\"cells_seen\":%lld%s",
-                     loss, acc, lr, gnorm, cps, tps, window_t / (double)window_steps,
-                     t.sync.seconds, (long long)t.cells_seen, "");
+                     "\"loss\":%.6f,\"acc\":%.6f,\"lr\":%.6e,\"grad_norm\":%s,\"cells_per_s\":%.3f,"
+                     "\"tokens_per_s\":%.1f,\"step_s\":%.4f,\"allreduce_s\":%.4f,\"cells_seen\":%lld,"
+                     "\"skipped_steps\":%lld",
+                     loss, acc, lr, gn, cps, tps, window_t / (double)window_steps,
+                     t.sync.seconds, (long long)t.cells_seen, (long long)window_skipped);
             if (cc.weight > 0) {
                 size_t l = strlen(js);
                 snprintf(js + l, sizeof js - l, ",\"contrastive_loss\":%.6f,\"contrastive_coord_s\":%.4f",
@@ -286,6 +336,7 @@ int cmd_pretrain(int argc, char **argv) {
             memset(win, 0, sizeof win);
             window_t = 0;
             window_steps = 0;
+            window_skipped = 0;
         }
         if (val_every > 0 && t.step % val_every == 0 && t.step < max_steps) {
             validate(&t, &mc, &vtb, logits, &vloss, &vacc, &vn);
@@ -329,6 +380,9 @@ int cmd_pretrain(int argc, char **argv) {
     if (cc.weight > 0) contrastive_free(&con);
     free(cursor);
     cellbatch_free(&cb);
+    cellbatch_free(&scells.cb);
+    tokenbatch_free(&scells.tb);
+    free(mb_cells);
     for (size_t i = 0; i < local_mb; i++) tokenbatch_free(&tbs[i]);
     free(tbs);
     tokenbatch_free(&vtb);

@@ -516,7 +516,24 @@ void trainer_maybe_redraw(Trainer *t) {
 // ---------------------------------------------------------------------------
 // The optimizer step
 
-int trainer_local_nonfinite(const Trainer *t) {
+// Fault injection for the reliability tests: PERFCELL_INJECT_NAN="STEP:RANK:TENSOR"
+// writes a NaN into the gradient of TENSOR on rank RANK at optimizer step STEP,
+// so the detection and both run.nan_policy paths can be exercised end to end.
+static void inject_nan(Trainer *t) {
+    const char *spec = getenv("PERFCELL_INJECT_NAN");
+    if (!spec || !*spec) return;
+    long long step;
+    int rank, used = 0;
+    char name[128];
+    if (sscanf(spec, "%lld:%d:%127[^:]%n", &step, &rank, name, &used) != 3 || spec[used] != '\0')
+        DIE("PERFCELL_INJECT_NAN='%s': expected STEP:RANK:TENSOR, e.g. 3:1:performer.net.layers.0.1.fn.fn.w1.weight", spec);
+    const ParamEntry *e = param_table_find(&t->model.table, name);
+    if (!e) DIE("PERFCELL_INJECT_NAN='%s': no tensor named '%s' in this model", spec, name);
+    if (step == (long long)t->step && rank == t->rank) t->model.grads[e->offset] = NAN;
+}
+
+int trainer_local_nonfinite(Trainer *t) {
+    inject_nan(t);
     return (int)grad_first_nonfinite(&t->model.table, t->model.grads);
 }
 
@@ -640,7 +657,21 @@ void trainer_metrics_open(Trainer *t, int resumed) {
 
 void trainer_metrics_write(Trainer *t, const char *json_fields) {
     if (t->rank != 0 || !t->metrics) return;
-    fprintf(t->metrics, "{\"step\":%lld,%s}\n", (long long)t->step, json_fields);
+    // printf writes a non-finite value as nan / inf, which JSON does not have:
+    // such a value (a NaN loss under run.nan_policy = skip) becomes null.
+    fprintf(t->metrics, "{\"step\":%lld,", (long long)t->step);
+    for (const char *p = json_fields; *p;) {
+        int after_colon = p > json_fields && p[-1] == ':';
+        const char *q = p + (*p == '-');
+        if (after_colon && (strncmp(q, "nan", 3) == 0 || strncmp(q, "inf", 3) == 0)) {
+            fputs("null", t->metrics);
+            p = q + 3;
+            while (isalnum((unsigned char)*p) || *p == '(' || *p == ')' || *p == '_') p++;
+        } else {
+            fputc(*p++, t->metrics);
+        }
+    }
+    fputs("}\n", t->metrics);
     fflush(t->metrics);
 }
 

@@ -8,6 +8,13 @@
                                no process is left, and the resumed run ends where an
                                uninterrupted run ends
     pretrain_mpi.py metrics    the metrics file, its plot, and the resolved config
+    pretrain_mpi.py nan        NaN/Inf in the loss or a gradient: named (step, rank, tensor);
+                               run.nan_policy = stop exits non-zero with the last checkpoint
+                               intact, skip warns, skips the step and finishes
+    pretrain_mpi.py fulldisk   a checkpoint write that fails (file size limit; a small tmpfs
+                               where mounts are allowed): a clear error, the previous
+                               checkpoint intact, and the resumed run ends where an
+                               uninterrupted run ends
 
 Environment (from tests/run.sh): BIN, DATA, TEST_TMP, MPIRUN. Exit code 0 = pass.
 """
@@ -101,8 +108,11 @@ def test_ranks():
         check(e < 1e-5, f"{n} ranks vs 1 rank after {steps} steps: relative L2 {e:.2e} < 1e-5")
 
 
-def usr1_at_step(np_, run_dir, extra, k):
-    """Start a run, send SIGUSR1 to mpirun once step k is logged; return the stop step."""
+def stop_at_step(np_, run_dir, extra, k, how):
+    """Start a run and stop it once step k is logged: how="usr1" sends SIGUSR1 to
+    mpirun (which forwards it), how="term" sends SIGTERM to every rank itself,
+    as a batch system does at pre-emption. Returns (exit code, the step of the
+    stop checkpoint, the log)."""
     cmd = MPIRUN + ["-np", str(np_), PERFCELL, "pretrain"] + TINY + [
         f"data.shards={shards()}", f"run.dir={run_dir}"] + list(extra)
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -112,7 +122,11 @@ def usr1_at_step(np_, run_dir, extra, k):
     for line in p.stdout:
         out.append(line)
         if not sent and line.startswith(f"step {k}/"):
-            p.send_signal(signal.SIGUSR1)
+            if how == "usr1":
+                p.send_signal(signal.SIGUSR1)
+            else:
+                for pid in perfcell_pids(run_dir):
+                    os.kill(pid, signal.SIGTERM)
             sent = True
         if "checkpointing at step" in line:
             stop_step = int(line.split("checkpointing at step")[1].split()[0])
@@ -128,11 +142,12 @@ def test_resume():
     r = pretrain(2, base, extra)
     check(r.returncode == 0, "uninterrupted run: exit 0")
     ref = params(final_ckpt(base, steps))
-    for n_resume in (2, 3, 1):
-        d = os.path.join(TMP, f"stopped-{n_resume}")
-        rc, k, log = usr1_at_step(2, d, extra, 6)
+    for how, n_resume in (("usr1", 2), ("term", 2), ("usr1", 3), ("term", 1)):
+        sig = "SIGUSR1 to mpirun" if how == "usr1" else "SIGTERM to every rank"
+        d = os.path.join(TMP, f"stopped-{how}-{n_resume}")
+        rc, k, log = stop_at_step(2, d, extra, 6, how)
         check(rc == 0 and k is not None and k < steps,
-              f"SIGUSR1: checkpoint at step {k} and exit 0 (rc {rc})")
+              f"{sig}: checkpoint at step {k} and exit 0 (rc {rc})")
         if k is None:
             print(log[-2000:])
             continue
@@ -172,7 +187,7 @@ def test_kill():
     check(r.returncode == 0, "reference run: exit 0")
     ref = params(final_ckpt(base, steps))
     rng = random.Random(int(os.environ.get("KILL_SEED", "7")))
-    trials = int(os.environ.get("KILL_TRIALS", "3"))
+    trials = int(os.environ.get("KILL_TRIALS", "10"))
     for trial in range(trials):
         d = os.path.join(TMP, f"kill-{trial}")
         k = rng.randrange(3, steps - 4)
@@ -248,12 +263,182 @@ def test_contrastive():
     r = pretrain(2, d2, extra, resume=True)
     check(r.returncode == 0 and bitwise(params(final_ckpt(d2, 4)), ref),
           "contrastive run resumed at step 2 is bitwise equal to the uninterrupted one")
+    # Pass 2 reads the step's cells again from the shards: the z it re-encodes
+    # must be pass 1's bitwise (a warning says otherwise), and the same global
+    # batch on 1 and 3 ranks (sub-batches spanning micro-batches, blocks of 5
+    # cells for micro-batches of 2, 3 and 4) takes the same steps.
+    check("re-encoded" not in r.stdout + r.stderr, "pass 2 re-encodes pass 1's z bitwise")
+    for mb, np_ in ((2, 3), (3, 1), (4, 3)):
+        runs = {}
+        for n in (1, np_) if np_ != 1 else (1, 2):
+            if 12 % (mb * n) != 0:
+                continue
+            dd = os.path.join(TMP, f"contrastive-b{mb}-np{n}")
+            r = pretrain(n, dd, ["run.max_steps=3", "run.val_every=0", "contrastive.weight=0.5",
+                                 "contrastive.sub_batch=5", "contrastive.proj_dim=8", "contrastive.proj_hidden=16",
+                                 "checkpoint.every_steps=3", "batch.global_batch=12", f"batch.micro_batch={mb}",
+                                 "data.block_cells=5"])
+            check(r.returncode == 0 and "re-encoded" not in r.stdout + r.stderr,
+                  f"micro-batch {mb} on {n} rank(s): exit 0, no z mismatch ({r.stderr.strip()[-300:]})")
+            if r.returncode == 0:
+                runs[n] = params(final_ckpt(dd, 3))
+        if len(runs) == 2:
+            e = rel_l2(runs[max(runs)], runs[1])
+            check(e < 1e-5, f"micro-batch {mb}: {max(runs)} ranks equal 1 rank (relative L2 {e:.2e})")
+
+
+def inspect_ok(path):
+    r = run([os.path.join(BIN, "perfcell-inspect"), path, "--verify"])
+    return r.returncode == 0
+
+
+def ckpt_files(folder):
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+NAN_TENSOR = "performer.net.layers.1.0.fn.to_v.weight"
+
+
+def test_nan():
+    extra = ["run.max_steps=6", "run.log_every=1", "run.val_every=0", "checkpoint.every_steps=2"]
+    env = dict(os.environ, PERFCELL_INJECT_NAN=f"3:1:{NAN_TENSOR}")
+    mpi_env = MPIRUN + ["-x", "PERFCELL_INJECT_NAN"]
+
+    def launch(run_dir, more, fault=True):
+        cmd = (mpi_env if fault else MPIRUN) + ["-np", "2", PERFCELL, "pretrain"] + TINY + [
+            f"data.shards={shards()}", f"run.dir={run_dir}"] + extra + more
+        return run(cmd, env=env if fault else None)
+
+    # stop: the step, the rank and the tensor are named; exit non-zero; the
+    # checkpoint of step 2 is intact and the run resumes from it.
+    d = os.path.join(TMP, "nan-stop")
+    r = launch(d, ["run.nan_policy=stop"])
+    out = r.stdout + r.stderr
+    want = f"step 3: NaN or Inf in {NAN_TENSOR} (gradient) on rank 1"
+    check(r.returncode != 0, f"nan_policy=stop: mpirun exits non-zero (rc {r.returncode})")
+    check(want in out, f"message names step, tensor and rank: {want!r}")
+    check("run.nan_policy = skip" in out, "the message says how to go on")
+    time.sleep(0.5)
+    check(not perfcell_pids(d), "no perfcell process left behind")
+    ck = os.path.join(d, "checkpoints")
+    check(ckpt_files(ck) == ["ckpt-00000002.h5", "latest"], f"checkpoint of step 2 kept, none after ({ckpt_files(ck)})")
+    check(inspect_ok(os.path.join(ck, "ckpt-00000002.h5")), "checkpoint of step 2 verifies")
+    r = launch(d, ["--resume", "auto"], fault=False)
+    check(r.returncode == 0 and "at step 2" in r.stdout, "resumes from step 2 without the fault and finishes")
+
+    # skip: a warning with the same names, the step is skipped (no update), the
+    # run finishes with finite parameters and valid JSON metrics.
+    d = os.path.join(TMP, "nan-skip")
+    r = launch(d, ["run.nan_policy=skip"])
+    out = r.stdout + r.stderr
+    check(r.returncode == 0, f"nan_policy=skip: the run finishes (rc {r.returncode}: {r.stderr.strip()[-300:]})")
+    check(want in out and "step skipped" in out, "warning names step, tensor and rank and says the step was skipped")
+    import json
+    try:
+        rows = [json.loads(l) for l in open(os.path.join(d, "metrics.jsonl"))]
+    except (OSError, ValueError) as e:
+        rows = []
+        check(False, f"metrics.jsonl is JSON lines ({e})")
+    skipped = [x["step"] for x in rows if x.get("skipped_steps")]
+    check(skipped == [4] and all(x["grad_norm"] is None for x in rows if x.get("skipped_steps")),
+          f"metrics mark the skipped step with a null gradient norm ({skipped})")
+    final = final_ckpt(d, 6)
+    if os.path.exists(final):
+        p = params(final)
+        check(all(np.isfinite(v).all() for v in p.values()), "parameters finite after the skipped step")
+    else:
+        check(False, "final checkpoint written")
+
+    # A real non-finite loss (Adam with eps 0 divides 0 by 0 on gradients that
+    # are exactly zero): the loss is named.
+    d = os.path.join(TMP, "nan-eps0")
+    r = launch(d, ["optim.eps=0"], fault=False)
+    out = r.stdout + r.stderr
+    check(r.returncode != 0 and "NaN or Inf in the loss on ranks 0,1" in out,
+          "optim.eps=0: non-finite loss detected on both ranks, run stops")
+
+    # A malformed fault specification is refused, not ignored.
+    d = os.path.join(TMP, "nan-badspec")
+    env["PERFCELL_INJECT_NAN"] = "3:1:no.such.tensor"
+    r = launch(d, [])
+    check(r.returncode != 0 and "no tensor named 'no.such.tensor'" in r.stderr,
+          "unknown tensor in PERFCELL_INJECT_NAN is an error")
+
+
+def test_fulldisk():
+    steps = 4
+    extra = [f"run.max_steps={steps}", "run.log_every=1", "run.val_every=0", "checkpoint.every_steps=2",
+             "checkpoint.keep=2"]
+    base = os.path.join(TMP, "disk-ref")
+    r = pretrain(2, base, extra)
+    check(r.returncode == 0, "uninterrupted reference run: exit 0")
+    ref = params(final_ckpt(base, steps))
+    cmd = " ".join(MPIRUN + ["-np", "2", PERFCELL, "pretrain"] + TINY + [f"data.shards={shards()}"] + extra)
+
+    # A file size limit below the checkpoint size, set on the ranks once they
+    # run (MPI start-up itself needs larger shared-memory files): the
+    # checkpoint of step 2 cannot be written.
+    d = os.path.join(TMP, "disk-ulimit")
+    p = subprocess.Popen(MPIRUN + ["-np", "2", PERFCELL, "pretrain"] + TINY + [
+        f"data.shards={shards()}", f"run.dir={d}"] + extra, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    lines = []
+    limited = 0
+    for line in p.stdout:
+        lines.append(line)
+        if not limited and line.startswith("validation at step 0"):
+            import resource
+            for pid in perfcell_pids(d):
+                resource.prlimit(pid, resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+                limited += 1
+    rc = p.wait(timeout=120)
+    out = "".join(lines)
+    check(limited == 2, f"file size limit set on both ranks ({limited})")
+    check(rc != 0, f"file size limit: exits non-zero (rc {rc})")
+    check("ckpt-00000002" in out and "File too large" in out,
+          "error names the checkpoint file and the cause (" +
+          " ".join(l.strip() for l in lines if "cannot write checkpoint" in l)[:300] + ")")
+    ck = os.path.join(d, "checkpoints")
+    check(ckpt_files(ck) == [], f"no partial checkpoint left ({ckpt_files(ck)})")
+
+    # A disk that fills up after the first checkpoint: a tmpfs of 4 MiB holds
+    # one tiny checkpoint (2.7 MiB) but not a second beside it.
+    probe = run(["unshare", "-m", "true"])
+    if probe.returncode != 0:
+        print(f"note: cannot create a mount namespace here ({probe.stderr.strip()}); tmpfs case not run")
+        return
+    d = os.path.join(TMP, "disk-tmpfs")
+    mnt = os.path.join(TMP, "disk-tmpfs-mnt")
+    saved = os.path.join(d, "saved-checkpoints")
+    os.makedirs(mnt, exist_ok=True)
+    os.makedirs(saved, exist_ok=True)
+    script = (f"mount -t tmpfs -o size=4m tmpfs {mnt} || exit 99; {cmd} run.dir={d} checkpoint.dir={mnt}; "
+              f"rc=$?; cp -a {mnt}/. {saved}/; exit $rc")
+    r = run(["unshare", "-m", "bash", "-c", script])
+    if r.returncode == 99:
+        print(f"note: cannot mount a tmpfs here ({r.stderr.strip()}); tmpfs case not run")
+        return
+    out = r.stdout + r.stderr
+    check(r.returncode != 0, f"full tmpfs: exits non-zero (rc {r.returncode})")
+    check("ckpt-00000004" in out and "No space left on device" in out,
+          f"error names the checkpoint file and the cause ({r.stderr.strip()[:300]})")
+    check(ckpt_files(saved) == ["ckpt-00000002.h5", "latest"],
+          f"only the previous checkpoint and its pointer remain ({ckpt_files(saved)})")
+    check(inspect_ok(os.path.join(saved, "ckpt-00000002.h5")), "previous checkpoint verifies")
+    # Resume from the saved checkpoint on a disk with room: same end as the
+    # uninterrupted run.
+    r = run(MPIRUN + ["-np", "2", PERFCELL, "pretrain"] + TINY + [
+        f"data.shards={shards()}", f"run.dir={d}", f"checkpoint.dir={saved}", "--resume", "auto"] + extra)
+    check(r.returncode == 0 and "at step 2" in r.stdout, "resumes from the previous checkpoint")
+    if r.returncode == 0:
+        check(bitwise(params(os.path.join(saved, f"ckpt-{steps:08d}.h5")), ref),
+              "resumed after the full disk: bitwise equal to uninterrupted")
 
 
 def main():
     os.makedirs(TMP, exist_ok=True)
     tests = {"ranks": test_ranks, "resume": test_resume, "kill": test_kill, "metrics": test_metrics,
-             "contrastive": test_contrastive}
+             "contrastive": test_contrastive, "nan": test_nan, "fulldisk": test_fulldisk}
     if len(sys.argv) != 2 or sys.argv[1] not in tests:
         sys.exit(f"usage: {sys.argv[0]} {'|'.join(tests)}")
     tests[sys.argv[1]]()
