@@ -12,9 +12,10 @@
 //
 // Blocks are block_cells consecutive cells of one shard (a shard's last block
 // may be shorter); validation cells are skipped inside the blocks. A rank
-// holds at most one partly used block per stream it serves (k / N of them):
-// with block_cells equal to the micro-batch a block is used up by the
-// micro-batch that reads it, and memory does not grow with the global batch.
+// holds at most one partly used block per stream it serves (k / N of them),
+// read once; with block_cells <= the micro-batch it holds none between
+// micro-batches (a block split over two micro-batches is read twice), so its
+// memory does not grow with the global batch.
 //
 // An epoch has as many steps as its shortest stream allows (the few cells
 // left at the end of the longer streams are skipped that epoch; the next

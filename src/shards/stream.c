@@ -166,9 +166,18 @@ static int load_block(Stream *s, ShardReader *reader, int64_t epoch, LocalStream
     return 0;
 }
 
+static void drop_block(LocalStream *L) {
+    if (L->cached == NO_BLOCK) return;
+    cellbatch_free(&L->cache);
+    cellbatch_init(&L->cache);
+    L->cached = NO_BLOCK;
+}
+
 // The next micro-batch of stream L (positioned in `epoch`, whose permutation
 // is perm) into `out`. A block is cached in L only while it still has cells to
-// hand out, so memory holds at most one partly used block per stream.
+// hand out, so memory holds at most one partly used block per stream; with
+// blocks no larger than the micro-batch not even that: a block split over two
+// micro-batches is read twice, and memory does not grow with the streams.
 static int take(Stream *s, ShardReader *reader, int64_t epoch, const uint32_t *perm, LocalStream *L,
                 CellBatch *out) {
     size_t need = s->cfg.micro_batch;
@@ -193,13 +202,10 @@ static int take(Stream *s, ShardReader *reader, int64_t epoch, const uint32_t *p
         if (L->off == train) {
             L->t++;
             L->off = 0;
-            if (L->cached == blk) {
-                cellbatch_free(&L->cache);
-                cellbatch_init(&L->cache);
-                L->cached = NO_BLOCK;
-            }
+            drop_block(L);
         }
     }
+    if (s->cfg.block_cells <= s->cfg.micro_batch) drop_block(L);
     return 0;
 }
 
