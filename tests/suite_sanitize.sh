@@ -63,6 +63,18 @@ run sanitize.asan.pretrain_np2 600 bash -c '
   ASAN_OPTIONS=detect_leaks=0 $MPIRUN -np 2 "$SAN_BIN/perfcell" pretrain --config configs/tiny.ini data.shards="$d" \
     run.dir="$TEST_TMP/run" run.max_steps=2 &&
   test -f "$TEST_TMP/run/checkpoints/ckpt-00000002.h5"'
+# Contrastive divide and conquer: pass 2 reads its cells again (stream
+# replay), sub-batches span micro-batches, blocks no larger than them.
+run sanitize.asan.pretrain_contrastive_np2 600 bash -c '
+  d=$(san_shards) || exit 1
+  ASAN_OPTIONS=detect_leaks=0 $MPIRUN -np 2 "$SAN_BIN/perfcell" pretrain --config configs/tiny.ini data.shards="$d" \
+    run.dir="$TEST_TMP/run" run.max_steps=2 contrastive.weight=0.5 contrastive.sub_batch=3 \
+    contrastive.proj_dim=8 contrastive.proj_hidden=16 batch.global_batch=12 batch.micro_batch=2 \
+    data.block_cells=2 > "$TEST_TMP/out.txt" 2>&1
+  rc=$?
+  cat "$TEST_TMP/out.txt"
+  [ $rc -eq 0 ] && ! grep -q re-encoded "$TEST_TMP/out.txt" &&
+  test -f "$TEST_TMP/run/checkpoints/ckpt-00000002.h5"'
 
 # --- valgrind ---------------------------------------------------------------
 
