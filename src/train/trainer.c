@@ -517,7 +517,8 @@ void trainer_maybe_redraw(Trainer *t) {
 // The optimizer step
 
 // Fault injection for the reliability tests: PERFCELL_INJECT_NAN="STEP:RANK:TENSOR"
-// writes a NaN into the gradient of TENSOR on rank RANK at optimizer step STEP,
+// writes a NaN into the gradient of TENSOR on rank RANK at optimizer step STEP
+// (numbered from 1, as the progress lines number steps),
 // so the detection and both run.nan_policy paths can be exercised end to end.
 static void inject_nan(Trainer *t) {
     const char *spec = getenv("PERFCELL_INJECT_NAN");
@@ -526,10 +527,10 @@ static void inject_nan(Trainer *t) {
     int rank, used = 0;
     char name[128];
     if (sscanf(spec, "%lld:%d:%127[^:]%n", &step, &rank, name, &used) != 3 || spec[used] != '\0')
-        DIE("PERFCELL_INJECT_NAN='%s': expected STEP:RANK:TENSOR, e.g. 3:1:performer.net.layers.0.1.fn.fn.w1.weight", spec);
+        DIE("PERFCELL_INJECT_NAN='%s': expected STEP:RANK:TENSOR, e.g. 4:1:performer.net.layers.0.1.fn.fn.w1.weight", spec);
     const ParamEntry *e = param_table_find(&t->model.table, name);
     if (!e) DIE("PERFCELL_INJECT_NAN='%s': no tensor named '%s' in this model", spec, name);
-    if (step == (long long)t->step && rank == t->rank) t->model.grads[e->offset] = NAN;
+    if (step == (long long)t->step + 1 && rank == t->rank) t->model.grads[e->offset] = NAN;
 }
 
 int trainer_local_nonfinite(Trainer *t) {
@@ -555,7 +556,8 @@ double trainer_optimizer_step(Trainer *t, int local_bad, double *lr_out) {
     if (any) {
         int skip = strcmp(config_str(t->cfg, "run.nan_policy"), "skip") == 0;
         char msg[512];
-        snprintf(msg, sizeof msg, "step %lld: NaN or Inf in %s%s on rank%s %s", (long long)t->step,
+        // Steps are numbered as the progress lines number them (from 1).
+        snprintf(msg, sizeof msg, "step %lld: NaN or Inf in %s%s on rank%s %s", (long long)t->step + 1,
                  what, strcmp(what, "the loss") == 0 ? "" : " (gradient)", strchr(ranks, ',') ? "s" : "",
                  ranks);
         if (!skip) {

@@ -301,7 +301,7 @@ NAN_TENSOR = "performer.net.layers.1.0.fn.to_v.weight"
 
 def test_nan():
     extra = ["run.max_steps=6", "run.log_every=1", "run.val_every=0", "checkpoint.every_steps=2"]
-    env = dict(os.environ, PERFCELL_INJECT_NAN=f"3:1:{NAN_TENSOR}")
+    env = dict(os.environ, PERFCELL_INJECT_NAN=f"4:1:{NAN_TENSOR}")
     mpi_env = MPIRUN + ["-x", "PERFCELL_INJECT_NAN"]
 
     def launch(run_dir, more, fault=True):
@@ -314,7 +314,7 @@ def test_nan():
     d = os.path.join(TMP, "nan-stop")
     r = launch(d, ["run.nan_policy=stop"])
     out = r.stdout + r.stderr
-    want = f"step 3: NaN or Inf in {NAN_TENSOR} (gradient) on rank 1"
+    want = f"step 4: NaN or Inf in {NAN_TENSOR} (gradient) on rank 1"
     check(r.returncode != 0, f"nan_policy=stop: mpirun exits non-zero (rc {r.returncode})")
     check(want in out, f"message names step, tensor and rank: {want!r}")
     check("run.nan_policy = skip" in out, "the message says how to go on")
@@ -359,7 +359,7 @@ def test_nan():
 
     # A malformed fault specification is refused, not ignored.
     d = os.path.join(TMP, "nan-badspec")
-    env["PERFCELL_INJECT_NAN"] = "3:1:no.such.tensor"
+    env["PERFCELL_INJECT_NAN"] = "4:1:no.such.tensor"
     r = launch(d, [])
     check(r.returncode != 0 and "no tensor named 'no.such.tensor'" in r.stderr,
           "unknown tensor in PERFCELL_INJECT_NAN is an error")
