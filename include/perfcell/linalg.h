@@ -26,6 +26,11 @@ static inline float fast_expf(float x) {
     // exp(x) = 2^k * exp(r), x = k ln2 + r, |r| <= ln2/2; degree-6 polynomial.
     const float log2e = 1.44269504088896341f;
     const float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
+    // NaN is returned as it came (a select, so the loops still vectorise);
+    // the arithmetic below only sees numbers, so the integer conversion and
+    // the shift stay defined.
+    const float in = x;
+    if (x != x) x = 0.0f;
     if (x < -87.3f) x = -87.3f;
     if (x > 88.7f) x = 88.7f;
     // Round x·log2(e) to the nearest integer by adding and subtracting 1.5·2^23
@@ -45,8 +50,8 @@ static inline float fast_expf(float x) {
         int32_t i;
         float f;
     } s;
-    s.i = ((int32_t)kf + 127) << 23;
-    return p * s.f;
+    s.i = (int32_t)((uint32_t)((int32_t)kf + 127) << 23);
+    return in != in ? in : p * s.f;
 }
 
 // erf(x) for float, vectorisable: Abramowitz & Stegun 7.1.26 with the
