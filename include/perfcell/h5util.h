@@ -47,6 +47,10 @@ int h5_set_encoding(hid_t obj, const char *type, const char *version);
 // The HDF5 library here is not thread-safe: every thread that calls HDF5 while
 // another thread may do so (the stream's prefetch thread, checkpoint writes
 // from the main thread) holds this process-wide lock around its calls.
+// n strings packed into one zero-padded buffer of n x width bytes, width the
+// longest length (at least 1), for fixed-width string datasets (free()).
+char *h5_pack_strings(const char *const *v, size_t n, size_t *width);
+
 // HDF5 metadata checksum (Jenkins lookup3), exposed for the tests.
 uint32_t h5_checksum_lookup3(const void *data, size_t n);
 // Makes an image from H5Fget_file_image() of a file still open for writing

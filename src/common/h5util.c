@@ -246,8 +246,7 @@ static hid_t fixed_utf8(size_t width) {
     return t;
 }
 
-// n strings packed into one buffer of n x width bytes (caller frees).
-static char *pack_strings(const char *const *v, size_t n, size_t *width) {
+char *h5_pack_strings(const char *const *v, size_t n, size_t *width) {
     size_t w = 1;
     for (size_t i = 0; i < n; i++) {
         size_t l = strlen(v[i]);
@@ -272,7 +271,7 @@ static int attr_write(hid_t obj, const char *name, hid_t type, hid_t space, cons
 
 int h5_attr_write_string(hid_t obj, const char *name, const char *value) {
     size_t w;
-    char *buf = pack_strings(&value, 1, &w);
+    char *buf = h5_pack_strings(&value, 1, &w);
     hid_t t = fixed_utf8(w), s = H5Screate(H5S_SCALAR);
     int rc = attr_write(obj, name, t, s, buf);
     H5Sclose(s);
@@ -292,7 +291,7 @@ int h5_attr_write_strings(hid_t obj, const char *name, const char *const *v, siz
         return rc0;
     }
     size_t w;
-    char *buf = pack_strings(v, n, &w);
+    char *buf = h5_pack_strings(v, n, &w);
     hid_t t = fixed_utf8(w), s = H5Screate_simple(1, &dim, NULL);
     int rc = attr_write(obj, name, t, s, buf);
     H5Sclose(s);
@@ -326,7 +325,7 @@ int h5_attr_write_bool(hid_t obj, const char *name, int value) {
 int h5_write_strings(hid_t loc, const char *name, const char *const *v, size_t n) {
     hsize_t dim = n;
     size_t w;
-    char *buf = pack_strings(v, n, &w);
+    char *buf = h5_pack_strings(v, n, &w);
     hid_t t = fixed_utf8(w), s = H5Screate_simple(1, &dim, NULL);
     hid_t d = H5Dcreate2(loc, name, t, s, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
     int rc = 0;
@@ -343,7 +342,7 @@ int h5_write_strings(hid_t loc, const char *name, const char *const *v, size_t n
 
 int h5_write_string_scalar(hid_t loc, const char *name, const char *value) {
     size_t w;
-    char *buf = pack_strings(&value, 1, &w);
+    char *buf = h5_pack_strings(&value, 1, &w);
     hid_t t = fixed_utf8(w), s = H5Screate(H5S_SCALAR);
     hid_t d = H5Dcreate2(loc, name, t, s, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
     int rc = 0;

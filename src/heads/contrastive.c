@@ -228,6 +228,7 @@ void contrastive_init(Contrastive *c, const Model *m, const ContrastiveConfig *c
     const size_t B = m->max_cells, T = m->max_tokens;
     size_t L = cfg->n_labels > 0 ? cfg->n_labels : 1;
     tokenbatch_init(&c->sub);
+    tokenbatch_reserve(&c->sub, B, T);
     c->pooled = floats_alloc(B * C);
     c->pre = floats_alloc(B * Hh);
     c->hid = floats_alloc(B * Hh);
@@ -280,11 +281,10 @@ typedef struct {
     const StepCells *cells;
     int pass;
     size_t next;            // the next micro-batch to fetch
-    size_t cur;             // the micro-batch in `tb` (valid when next > 0)
-    size_t cur_first;       // its first cell among the step's local cells
-    size_t next_first;      // first cell of micro-batch `next`
-    const TokenBatch *tb;
-    int64_t masked;         // masked positions seen (pass 1)
+    size_t cur_first;       // first local cell of the micro-batch in `tb`
+    size_t next_first;      // first local cell of micro-batch `next`
+    const TokenBatch *tb;   // the last micro-batch fetched (NULL before any)
+    int64_t masked;         // masked positions seen
     int failed;
 } Fetch;
 
@@ -294,30 +294,35 @@ static void fetch_start(Fetch *f, const StepCells *cells, int pass) {
     f->pass = pass;
 }
 
+// Fetch micro-batch f->next; 0, or -1 (f->failed set) when it cannot be read.
+static int fetch_next(Fetch *f) {
+    const TokenBatch *tb = f->cells->get(f->cells->ctx, f->next, f->pass);
+    if (tb && tb->n_cells != f->cells->n_cells[f->next]) {
+        error_set("internal: micro-batch %zu holds %zu cells in pass %d, expected %zu", f->next,
+                  tb->n_cells, f->pass, f->cells->n_cells[f->next]);
+        tb = NULL;
+    }
+    if (!tb) {
+        f->failed = 1;
+        return -1;
+    }
+    for (size_t t = 0; t < tb->n_tokens; t++) f->masked += tb->target[t] >= 0;
+    f->tb = tb;
+    f->next++;
+    f->cur_first = f->next_first;
+    f->next_first += tb->n_cells;
+    return 0;
+}
+
 // Fetch micro-batches up to and including the one holding local cell `cell`.
 static const TokenBatch *fetch_upto(Fetch *f, size_t cell) {
-    while (!f->failed && (f->next == 0 || cell >= f->cur_first + f->tb->n_cells)) {
+    while (!f->failed && (!f->tb || cell >= f->next_first)) {
         if (f->next == f->cells->n_mb) {
             f->failed = 1;
             error_set("internal: local cell %zu is past the step's micro-batches", cell);
-            break;
+        } else {
+            fetch_next(f);
         }
-        const TokenBatch *tb = f->cells->get(f->cells->ctx, f->next, f->pass);
-        if (!tb) {
-            f->failed = 1;
-            break;
-        }
-        if (tb->n_cells != f->cells->n_cells[f->next]) {
-            f->failed = 1;
-            error_set("internal: micro-batch %zu holds %zu cells in pass %d, expected %zu", f->next,
-                      tb->n_cells, f->pass, f->cells->n_cells[f->next]);
-            break;
-        }
-        for (size_t t = 0; t < tb->n_tokens; t++) f->masked += tb->target[t] >= 0;
-        f->tb = tb;
-        f->cur = f->next++;
-        f->cur_first = f->next_first;
-        f->next_first += tb->n_cells;
     }
     return f->failed ? NULL : f->tb;
 }
@@ -325,15 +330,7 @@ static const TokenBatch *fetch_upto(Fetch *f, size_t cell) {
 // The rest of the pass's micro-batches (cells nobody asked for: a step of
 // empty micro-batches), so that every source sees each one once per pass.
 static void fetch_finish(Fetch *f) {
-    while (!f->failed && f->next < f->cells->n_mb) {
-        if (f->cells->n_cells[f->next] == 0) {
-            const TokenBatch *tb = f->cells->get(f->cells->ctx, f->next, f->pass);
-            if (!tb) f->failed = 1;
-            f->next++;
-        } else {
-            fetch_upto(f, f->next_first);
-        }
-    }
+    while (!f->failed && f->next < f->cells->n_mb) fetch_next(f);
 }
 
 // Local cells [c0, c1) of the step, copied into c->sub; 0, or -1 when a
@@ -389,7 +386,6 @@ int contrastive_step_cells(Contrastive *c, Model *m, const StepCells *cells, uin
     size_t sub = c->cfg.sub_batch ? c->cfg.sub_batch : (cells->n_mb ? cells->n_cells[0] : 1);
     if (sub == 0) sub = 1;
     if (sub > c->sub_cap_cells) sub = c->sub_cap_cells;
-    tokenbatch_reserve(&c->sub, c->sub_cap_cells, c->sub_cap_tokens);
 
     // Pass 1: z of both views, no activations kept; labelled cells and masked
     // positions counted on the way.

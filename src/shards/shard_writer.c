@@ -664,13 +664,8 @@ static int mark(hid_t loc, const char *name, const char *type, const char *versi
 // heap at some 40 bytes of overhead each. h5py's asstr() (anndata) reads both.
 static int write_string_array(hid_t loc, const char *name, const char *const *v, size_t n,
                               int level) {
-    size_t w = 1;
-    for (size_t i = 0; i < n; i++) {
-        size_t l = strlen(v[i]);
-        if (l > w) w = l;
-    }
-    char *buf = xcalloc(n ? n : 1, w);
-    for (size_t i = 0; i < n; i++) memcpy(buf + i * w, v[i], strlen(v[i]));
+    size_t w;
+    char *buf = h5_pack_strings(v, n, &w);
     hsize_t dim = n, chunk = n < 16384 ? n : 16384;
     unsigned cd = (unsigned)level;
     hid_t t = H5Tcopy(H5T_C_S1), sp = H5Screate_simple(1, &dim, NULL);

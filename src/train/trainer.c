@@ -521,16 +521,23 @@ void trainer_maybe_redraw(Trainer *t) {
 // (numbered from 1, as the progress lines number steps),
 // so the detection and both run.nan_policy paths can be exercised end to end.
 static void inject_nan(Trainer *t) {
-    const char *spec = getenv("PERFCELL_INJECT_NAN");
-    if (!spec || !*spec) return;
-    long long step;
-    int rank, used = 0;
-    char name[128];
-    if (sscanf(spec, "%lld:%d:%127[^:]%n", &step, &rank, name, &used) != 3 || spec[used] != '\0')
-        DIE("PERFCELL_INJECT_NAN='%s': expected STEP:RANK:TENSOR, e.g. 4:1:performer.net.layers.0.1.fn.fn.w1.weight", spec);
-    const ParamEntry *e = param_table_find(&t->model.table, name);
-    if (!e) DIE("PERFCELL_INJECT_NAN='%s': no tensor named '%s' in this model", spec, name);
-    if (step == (long long)t->step + 1 && rank == t->rank) t->model.grads[e->offset] = NAN;
+    // The specification is read once per process; -1: none.
+    static long long step = -2;
+    static int rank;
+    static size_t offset;
+    if (step == -2) {
+        const char *spec = getenv("PERFCELL_INJECT_NAN");
+        step = -1;
+        if (!spec || !*spec) return;
+        int used = 0;
+        char name[128];
+        if (sscanf(spec, "%lld:%d:%127[^:]%n", &step, &rank, name, &used) != 3 || spec[used] != '\0')
+            DIE("PERFCELL_INJECT_NAN='%s': expected STEP:RANK:TENSOR, e.g. 4:1:performer.net.layers.0.1.fn.fn.w1.weight", spec);
+        const ParamEntry *e = param_table_find(&t->model.table, name);
+        if (!e) DIE("PERFCELL_INJECT_NAN='%s': no tensor named '%s' in this model", spec, name);
+        offset = e->offset;
+    }
+    if (step == (long long)t->step + 1 && rank == t->rank) t->model.grads[offset] = NAN;
 }
 
 int trainer_local_nonfinite(Trainer *t) {

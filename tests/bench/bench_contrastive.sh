@@ -13,19 +13,13 @@
 #                                               PARTS=2 runs part 2 only)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-BIN=${BIN:-bin} PYTHON=${PYTHON:-/usr/bin/python3}
-DATA=${DATA:-$PWD/../shared/data}
+# shellcheck source=tests/bench/lib.sh
+. tests/bench/lib.sh
 STEPS=${STEPS:-20}
 QSTEPS=${QSTEPS:-150}
 PARTS=${PARTS:-123}
-MPIRUN=${MPIRUN:-mpirun --oversubscribe --bind-to none}
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OPENBLAS_NUM_THREADS=1
-export HDF5_PLUGIN_PATH=$PWD/lib/hdf5-plugin
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/bench_contrastive.XXXXXX")
-trap 'rm -rf "$WORK"' EXIT
-"$BIN/perfcell-shard" vocab "$DATA/pbmc3k/pbmc3k_counts.h5ad" --out "$WORK/vocab.tsv" >/dev/null
-"$BIN/perfcell-shard" build "$DATA/pbmc3k/pbmc3k_counts.h5ad" --vocab "$WORK/vocab.tsv" --out "$WORK/shards" \
-  --label-key celltype >/dev/null
+bench_setup contrastive
+bench_pbmc_shards
 common=(--config configs/pbmc_demo.ini data.shards="$WORK/shards" run.val_every=0 checkpoint.every_steps=0
   model.dropout_emb=0.1 model.dropout_attn=0.1 model.dropout_ff=0.1)
 con=(contrastive.weight=0.5 contrastive.sub_batch=8 contrastive.proj_dim=64 contrastive.proj_hidden=128)

@@ -9,17 +9,11 @@
 #   bash tests/bench/bench_pretrain.sh     (STEPS may be set)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-BIN=${BIN:-bin} PYTHON=${PYTHON:-/usr/bin/python3}
-DATA=${DATA:-$PWD/../shared/data}
+# shellcheck source=tests/bench/lib.sh
+. tests/bench/lib.sh
 STEPS=${STEPS:-40}
-MPIRUN=${MPIRUN:-mpirun --oversubscribe --bind-to none}
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OPENBLAS_NUM_THREADS=1
-export HDF5_PLUGIN_PATH=$PWD/lib/hdf5-plugin
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/bench_pretrain.XXXXXX")
-trap 'rm -rf "$WORK"' EXIT
-"$BIN/perfcell-shard" vocab "$DATA/pbmc3k/pbmc3k_counts.h5ad" --out "$WORK/vocab.tsv" >/dev/null
-"$BIN/perfcell-shard" build "$DATA/pbmc3k/pbmc3k_counts.h5ad" --vocab "$WORK/vocab.tsv" --out "$WORK/shards" \
-  --label-key celltype >/dev/null
+bench_setup pretrain
+bench_pbmc_shards
 
 for np in 1 2; do
   $MPIRUN -np "$np" "$BIN/perfcell" pretrain --config configs/pbmc_demo.ini data.shards="$WORK/shards" \

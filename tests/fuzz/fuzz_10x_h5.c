@@ -15,12 +15,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         fuzz_path(path, sizeof path, "filtered_feature_bc_matrix.h5");
         ready = 1;
     }
-    uint8_t *file = fuzz_hdf5_file(data, size);
-    if (!file) return 0;
-    int ok = fuzz_gheap_ok(file, size);
-    if (ok) fuzz_write(path, file, size);
-    free(file);
-    if (!ok) return 0;
+    if (!fuzz_hdf5_input(data, size, path)) return 0;
     const InputOptions opts[] = {{0}, {.genome = "all"}, {.genome = "hg19_chr21"}};
     for (size_t i = 0; i < sizeof opts / sizeof *opts; i++) {
         fuzz_input_read(path, &opts[i]);

@@ -57,12 +57,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         fuzz_path(path, sizeof path, "shard-00000.h5ad");
         ready = 1;
     }
-    uint8_t *file = fuzz_hdf5_file(data, size);
-    if (!file) return 0;
-    int ok = fuzz_gheap_ok(file, size);
-    if (ok) fuzz_write(path, file, size);
-    free(file);
-    if (!ok) return 0;
+    if (!fuzz_hdf5_input(data, size, path)) return 0;
 
     ShardFile f;
     CellBatch eager, lazy;

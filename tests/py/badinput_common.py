@@ -78,8 +78,8 @@ def sh(cmd, **kw):
     return r.stdout
 
 
-def pretrain_cmd(*args, np_=1):
-    return MPIRUN + ["-np", str(np_), PERFCELL, "pretrain", "--config", TINY] + list(args)
+def pretrain_cmd(*args, np_=1, config=TINY):
+    return MPIRUN + ["-np", str(np_), PERFCELL, "pretrain", "--config", config] + list(args)
 
 
 def finetune_cmd(*args):

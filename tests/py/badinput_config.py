@@ -9,7 +9,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from badinput_common import (MPIRUN, PERFCELL, TINY, expect_refusal, fix, main, pretrain_cmd, scratch)
+from badinput_common import (PERFCELL, TINY, expect_refusal, fix, main, pretrain_cmd, scratch)
 
 
 def config_with(name, old, new):
@@ -25,8 +25,7 @@ def unknown_key_file():
     cfg = config_with("typo.ini", "dim = 16\n", "dimm = 16\n")
     line = open(cfg).read().split("\n").index("dimm = 16") + 1
     run = scratch("run")
-    expect_refusal(MPIRUN + ["-np", "1", PERFCELL, "pretrain", "--config", cfg, "data.shards=" + fix("shards"),
-                             "run.dir=" + run],
+    expect_refusal(pretrain_cmd("data.shards=" + fix("shards"), "run.dir=" + run, config=cfg),
                    ["%s:%d" % (cfg, line)], [r"unknown key 'model\.dimm'", r"did you mean 'model\.dim'"],
                    absent=[run])
 
@@ -41,24 +40,21 @@ def unknown_section_key():
     # A key in the wrong section: the suggestion names the right one.
     cfg = config_with("section.ini", "[batch]\n", "[batch]\nmax_steps = 6\n")
     run = scratch("run")
-    expect_refusal(MPIRUN + ["-np", "1", PERFCELL, "pretrain", "--config", cfg, "data.shards=" + fix("shards"),
-                             "run.dir=" + run],
+    expect_refusal(pretrain_cmd("data.shards=" + fix("shards"), "run.dir=" + run, config=cfg),
                    [cfg], [r"unknown key 'batch\.max_steps'", r"did you mean 'run\.max_steps'"], absent=[run])
 
 
 def bad_value_type():
     cfg = config_with("value.ini", "dim = 16\n", "dim = sixteen\n")
     run = scratch("run")
-    expect_refusal(MPIRUN + ["-np", "1", PERFCELL, "pretrain", "--config", cfg, "data.shards=" + fix("shards"),
-                             "run.dir=" + run],
+    expect_refusal(pretrain_cmd("data.shards=" + fix("shards"), "run.dir=" + run, config=cfg),
                    [cfg], [r"model\.dim", r"not an integer"], absent=[run])
 
 
 def missing_config():
     cfg = scratch("no_such_config.ini")
     run = scratch("run")
-    expect_refusal(MPIRUN + ["-np", "1", PERFCELL, "pretrain", "--config", cfg, "data.shards=" + fix("shards"),
-                             "run.dir=" + run],
+    expect_refusal(pretrain_cmd("data.shards=" + fix("shards"), "run.dir=" + run, config=cfg),
                    [cfg], [r"cannot read|does not exist|no such file"], absent=[run])
 
 
