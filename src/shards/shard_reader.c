@@ -277,22 +277,16 @@ static int check_against_manifest_file(const char *path, int64_t bytes, const Ma
     return 0;
 }
 
-// Dataset access with a chunk cache of four chunks (at least 1 MiB), so that
-// neighbouring range reads decompress each chunk once. Reads in random block
-// order gain nothing from a larger cache on folders larger than memory.
-static hid_t data_access(hid_t file, const char *name) {
+// Dataset access without a chunk cache: each read decompresses the chunks it
+// touches straight into the result. Streams read whole blocks in a shuffled
+// order and so rarely revisit a chunk, and a cache (even of one chunk per
+// dataset) costs about 20 MiB of resident memory per rank through the
+// allocator's handling of the cached chunk buffers, growing with the cells a
+// step reads (tests/bench/bench_contrastive.sh, part 2); the throughput of
+// the training stream is the same without it (tests/bench/bench_reader.sh).
+static hid_t data_access(void) {
     hid_t dapl = H5Pcreate(H5P_DATASET_ACCESS);
-    hsize_t bytes = (hsize_t)1 << 20, dim = 0;
-    hid_t d = H5Dopen2(file, name, H5P_DEFAULT);
-    if (d >= 0) {
-        hid_t dcpl = H5Dget_create_plist(d);
-        if (dcpl >= 0 && H5Pget_layout(dcpl) == H5D_CHUNKED && H5Pget_chunk(dcpl, 1, &dim) == 1 &&
-            dim < ((hsize_t)1 << 24) && dim * 16 > bytes)
-            bytes = dim * 16;
-        if (dcpl >= 0) H5Pclose(dcpl);
-        H5Dclose(d);
-    }
-    if (dapl >= 0) H5Pset_chunk_cache(dapl, 521, (size_t)bytes, 1.0);
+    if (dapl >= 0) H5Pset_chunk_cache(dapl, 521, 0, 1.0);
     return dapl;
 }
 
@@ -395,7 +389,7 @@ static int open_x(ShardFile *f) {
                   (long long)f->n_genes);
         goto cleanup;
     }
-    if ((dapl = data_access(x, "data")) < 0 ||
+    if ((dapl = data_access()) < 0 ||
         ds_open(x, "data", path, H5T_INTEGER, -1, dapl, &f->data, &f->nnz) != 0 ||
         ds_open(x, "indices", path, H5T_INTEGER, -1, dapl, &f->indices, &nnz_idx) != 0)
         goto cleanup;

@@ -47,8 +47,8 @@ fi
 
 if [[ $PARTS == *2* ]]; then
 echo
-# Both runs read the same 4096 cells (1.7 epochs), so that HDF5's chunk caches
-# (bounded: a few chunks per dataset and reader) are equally warm in both.
+# Both runs read the same 4096 cells (1.7 epochs), so that everything but the
+# batch size is the same.
 echo "2. Peak RSS per rank, sub-batch 8, 2 ranks, 4096 training cells read at both batch sizes"
 echo "   (64 steps of 64 cells, 4 steps of 1024; blocks of 8 cells, so 128 streams all get cells):"
 # Peak RSS varies by a few MiB from run to run (allocator and prefetch-thread
