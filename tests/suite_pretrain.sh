@@ -5,3 +5,4 @@ run pretrain.kill9_resume 600 "$PYTHON" tests/py/pretrain_mpi.py kill
 run pretrain.metrics_plot 300 "$PYTHON" tests/py/pretrain_mpi.py metrics
 run pretrain.nan_policy 600 "$PYTHON" tests/py/pretrain_mpi.py nan
 run pretrain.full_disk 600 "$PYTHON" tests/py/pretrain_mpi.py fulldisk
+run pretrain.finetune_cache_resume 600 "$PYTHON" tests/py/pretrain_mpi.py finetune

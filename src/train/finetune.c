@@ -126,6 +126,20 @@ static int read_split_file(const char *path, ShardReader *r, const Manifest *m, 
     return rc;
 }
 
+// The frozen encoder's final hidden states of the training and validation
+// cells. With no trainable encoder tensor, no dropout, no feature redraw and
+// tokens that do not depend on the step, every epoch would compute the same
+// states again; computed once, an epoch trains the head alone. Each rank
+// encodes a contiguous share of the cells in micro-batches in id order (the
+// same states for a resumed run), then every rank gathers all of them.
+typedef struct {
+    int64_t *slot;  // (cells of the folder) row of a cached cell, or -1
+    int64_t *off;   // (n + 1) token offsets of the rows
+    int32_t *gene;  // (tokens) gene slot of each position
+    float *hidden;  // (tokens, C); NULL: no cache
+    size_t n;
+} Cache;
+
 typedef struct {
     Trainer *t;
     const ModelConfig *mc;
@@ -135,7 +149,141 @@ typedef struct {
     TokenBatch tb;
     float *logits, *dlogits, *dhidden;
     size_t K, b;
+    const Cache *cache;
+    const int32_t *label_of; // (cells of the folder) label code or -1
 } Ctx;
+
+static void cache_free(Cache *k) {
+    free(k->slot), free(k->off), free(k->gene), free(k->hidden);
+    memset(k, 0, sizeof *k);
+}
+
+static int cache_has(const Cache *k, const int64_t *ids, size_t n) {
+    if (!k->hidden) return 0;
+    for (size_t i = 0; i < n; i++)
+        if (k->slot[ids[i]] < 0) return 0;
+    return 1;
+}
+
+// tb from cached cells (gene slots, cell ids, labels; the expression tokens
+// are not kept, the heads do not read them).
+static void cache_batch(const Cache *k, const int64_t *ids, size_t n, TokenBatch *tb, const int32_t *label_of) {
+    size_t T = 0;
+    for (size_t i = 0; i < n; i++) {
+        int64_t s = k->slot[ids[i]];
+        T += (size_t)(k->off[s + 1] - k->off[s]);
+    }
+    tokenbatch_reserve(tb, n, T);
+    tb->n_cells = n;
+    tb->n_tokens = T;
+    tb->offset[0] = 0;
+    for (size_t i = 0; i < n; i++) {
+        int64_t s = k->slot[ids[i]], t0 = tb->offset[i], len = k->off[s + 1] - k->off[s];
+        memcpy(tb->gene + t0, k->gene + k->off[s], (size_t)len * sizeof *tb->gene);
+        for (int64_t j = t0; j < t0 + len; j++) tb->token[j] = 0, tb->target[j] = -1;
+        tb->offset[i + 1] = t0 + len;
+        tb->cell_id[i] = ids[i];
+        tb->label[i] = label_of[ids[i]];
+    }
+}
+
+// The cached hidden states of tb's cells into hidden (T, C).
+static void cache_hidden(const Cache *k, const TokenBatch *tb, float *hidden, size_t C) {
+    for (size_t i = 0; i < tb->n_cells; i++) {
+        int64_t s = k->slot[tb->cell_id[i]];
+        memcpy(hidden + (size_t)tb->offset[i] * C, k->hidden + (size_t)k->off[s] * C,
+               (size_t)(k->off[s + 1] - k->off[s]) * C * sizeof *hidden);
+    }
+}
+
+// Cache the cells of a and b (ascending ids) when the encoder is frozen and
+// the states fit in cap_bytes; otherwise log why not (when it matters).
+// ntok: tokens of every cell of the folder. Collective.
+static void cache_build(Cache *k, Ctx *x, const IdList *a, const IdList *b, const int32_t *ntok,
+                        int64_t n_folder, int64_t max_nnz, double cap_bytes) {
+    Trainer *t = x->t;
+    const ModelConfig *mc = x->mc;
+    const size_t C = mc->dim;
+    memset(k, 0, sizeof *k);
+    if (t->model.any_trainable || cap_bytes <= 0) return;
+    const char *why = NULL;
+    if (mc->dropout_emb > 0 || mc->dropout_attn > 0 || mc->dropout_ff > 0)
+        why = "the model has dropout (set model.dropout_emb, dropout_attn and dropout_ff to 0)";
+    else if (mc->feature_redraw_interval > 0)
+        why = "random features are redrawn (set model.feature_redraw_interval = 0)";
+    else if (mc->mode == SEQ_NONZERO && mc->max_tokens > 0 && (size_t)max_nnz > mc->max_tokens)
+        why = "cells keep a different sample of their genes each step (data.max_tokens)";
+    size_t n = a->n + b->n;
+    int64_t *ids = xmalloc((n ? n : 1) * sizeof *ids);
+    size_t ia = 0, ib = 0;
+    for (size_t i = 0; i < n; i++)
+        ids[i] = ib >= b->n || (ia < a->n && a->id[ia] < b->id[ib]) ? a->id[ia++] : b->id[ib++];
+    double tokens = 0;
+    for (size_t i = 0; i < n; i++) tokens += ntok[ids[i]];
+    double bytes = tokens * (double)C * sizeof(float);
+    if (!why && bytes > cap_bytes)
+        why = "the hidden states would exceed finetune.cache_mib";
+    if (!why && tokens * (double)C >= (double)INT32_MAX) why = "the hidden states exceed 2^31 values";
+    if (why) {
+        log_info("finetune: the frozen encoder runs every epoch: %s (%.0f MiB of hidden states)", why,
+                 bytes / 1048576.0);
+        free(ids);
+        return;
+    }
+    double t0 = time_now();
+    k->n = n;
+    k->slot = xmalloc((size_t)n_folder * sizeof *k->slot);
+    for (int64_t c = 0; c < n_folder; c++) k->slot[c] = -1;
+    k->off = xmalloc((n + 1) * sizeof *k->off);
+    k->off[0] = 0;
+    for (size_t i = 0; i < n; i++) {
+        k->slot[ids[i]] = (int64_t)i;
+        k->off[i + 1] = k->off[i] + ntok[ids[i]];
+    }
+    k->gene = xmalloc(((size_t)k->off[n] + 1) * sizeof *k->gene);
+    k->hidden = floats_alloc((size_t)k->off[n] * C + 1);
+    const size_t per = (n + (size_t)t->size - 1) / (size_t)t->size;
+    int *cnt_h = xmalloc((size_t)t->size * sizeof(int)), *dsp_h = xmalloc((size_t)t->size * sizeof(int));
+    int *cnt_g = xmalloc((size_t)t->size * sizeof(int)), *dsp_g = xmalloc((size_t)t->size * sizeof(int));
+    for (int r = 0; r < t->size; r++) {
+        size_t lo = per * (size_t)r < n ? per * (size_t)r : n, hi = lo + per < n ? lo + per : n;
+        cnt_g[r] = (int)(k->off[hi] - k->off[lo]);
+        dsp_g[r] = (int)k->off[lo];
+        cnt_h[r] = cnt_g[r] * (int)C;
+        dsp_h[r] = dsp_g[r] * (int)C;
+    }
+    size_t lo = per * (size_t)t->rank < n ? per * (size_t)t->rank : n, hi = lo + per < n ? lo + per : n;
+    PassCtx ctx = {t->seed, 0, 0, 0};
+    int ok = 1;
+    for (size_t i = lo; i < hi && ok; i += x->b) {
+        size_t nb = hi - i < x->b ? hi - i : x->b;
+        cellbatch_clear(&x->cb);
+        if (shard_reader_read_ids(x->reader, ids + i, nb, &x->cb) != 0) {
+            ok = 0;
+            break;
+        }
+        tokens_from_cells(&x->tb, &x->cb, mc, t->seed, 0);
+        if ((int64_t)x->tb.n_tokens != k->off[i + nb] - k->off[i]) {
+            ok = !error_set("internal: cells %lld.. have %zu tokens, expected %lld", (long long)ids[i],
+                            x->tb.n_tokens, (long long)(k->off[i + nb] - k->off[i]));
+            break;
+        }
+        model_forward(&t->model, &x->tb, &ctx);
+        memcpy(k->hidden + (size_t)k->off[i] * C, t->model.hidden, x->tb.n_tokens * C * sizeof(float));
+        memcpy(k->gene + k->off[i], x->tb.gene, x->tb.n_tokens * sizeof *k->gene);
+    }
+    int all = 0;
+    CHECK_MPI(MPI_Allreduce(&ok, &all, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD));
+    if (!all) DIE("encoding the training cells failed: %s", ok ? "a read failed on another rank" : error_last());
+    CHECK_MPI(MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, k->hidden, cnt_h, dsp_h, MPI_FLOAT,
+                             MPI_COMM_WORLD));
+    CHECK_MPI(MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, k->gene, cnt_g, dsp_g, MPI_INT32_T,
+                             MPI_COMM_WORLD));
+    free(cnt_h), free(dsp_h), free(cnt_g), free(dsp_g), free(ids);
+    log_info("finetune: frozen encoder: hidden states of %zu training and validation cells computed once "
+             "(%.0f MiB per rank, %.1f s); epochs train the head alone",
+             n, bytes / 1048576.0, time_now() - t0);
+}
 
 // Evaluate cells `ids` (split over ranks): confusion matrix (summed over
 // ranks, complete on every rank) and mean loss. Collective.
@@ -149,13 +297,18 @@ static double evaluate(Ctx *x, const IdList *ids, Confusion *conf) {
     PassCtx ctx = {t->seed, 0, 0, 0};
     for (size_t i = lo; i < hi && ok; i += x->b) {
         size_t n = hi - i < x->b ? hi - i : x->b;
-        cellbatch_clear(&x->cb);
-        if (shard_reader_read_ids(x->reader, ids->id + i, n, &x->cb) != 0) {
-            ok = 0;
-            break;
+        if (cache_has(x->cache, ids->id + i, n)) {
+            cache_batch(x->cache, ids->id + i, n, &x->tb, x->label_of);
+            cache_hidden(x->cache, &x->tb, t->model.hidden, x->mc->dim);
+        } else {
+            cellbatch_clear(&x->cb);
+            if (shard_reader_read_ids(x->reader, ids->id + i, n, &x->cb) != 0) {
+                ok = 0;
+                break;
+            }
+            tokens_from_cells(&x->tb, &x->cb, x->mc, t->seed, 0);
+            model_forward(&t->model, &x->tb, &ctx);
         }
-        tokens_from_cells(&x->tb, &x->cb, x->mc, t->seed, 0);
-        model_forward(&t->model, &x->tb, &ctx);
         classifier_forward(x->cls, &t->model, &x->tb, x->logits);
         loss += classifier_loss(NULL, x->logits, x->tb.label, n, x->K, NULL, 1.0, NULL);
         for (size_t c = 0; c < n; c++) {
@@ -240,12 +393,19 @@ int cmd_finetune(int argc, char **argv) {
     if (!reader) DIE("%s", error_last());
     int8_t *split = xmalloc((size_t)man->n_cells);
     int32_t *label_of = xmalloc((size_t)man->n_cells * sizeof *label_of);
+    int32_t *ntok_of = xmalloc((size_t)man->n_cells * sizeof *ntok_of); // tokens of each cell
     int ok = 1;
     if (t.rank == 0) {
         for (size_t i = 0; i < man->n_shards && ok; i++) {
             ShardFile *f = shard_reader_file(reader, i);
-            if (!f) ok = 0;
-            else memcpy(label_of + f->first_cell, f->label, (size_t)f->n_cells * sizeof *label_of);
+            if (!f) {
+                ok = 0;
+                break;
+            }
+            memcpy(label_of + f->first_cell, f->label, (size_t)f->n_cells * sizeof *label_of);
+            for (int64_t c = 0; c < f->n_cells; c++)
+                ntok_of[f->first_cell + c] =
+                    (int32_t)tokens_cell_length(&mc, (size_t)(f->indptr[c + 1] - f->indptr[c]));
         }
         memset(split, -1, (size_t)man->n_cells);
         const char *sf = config_str(cfg, "finetune.split_file");
@@ -277,6 +437,8 @@ int cmd_finetune(int argc, char **argv) {
     CHECK_MPI(MPI_Bcast(&ok, 1, MPI_INT, 0, MPI_COMM_WORLD));
     if (!ok) DIE_HINT("a split file holds lines 'cell<TAB>train|val|test'", "%s", error_last());
     CHECK_MPI(MPI_Bcast(split, (int)man->n_cells, MPI_INT8_T, 0, MPI_COMM_WORLD));
+    CHECK_MPI(MPI_Bcast(label_of, (int)man->n_cells, MPI_INT32_T, 0, MPI_COMM_WORLD));
+    CHECK_MPI(MPI_Bcast(ntok_of, (int)man->n_cells, MPI_INT32_T, 0, MPI_COMM_WORLD));
     IdList train = {0}, val = {0}, test = {0};
     size_t ctr = 0, cva = 0, cte = 0;
     for (int64_t c = 0; c < man->n_cells; c++) {
@@ -295,7 +457,6 @@ int cmd_finetune(int argc, char **argv) {
         for (size_t k = 0; k < K; k++)
             cw[k] = per_class[k] ? (double)train.n / ((double)K * (double)per_class[k]) : 0.0;
     }
-    free(label_of);
     free(split);
 
     const size_t b = (size_t)config_int(cfg, "batch.micro_batch");
@@ -365,12 +526,16 @@ int cmd_finetune(int argc, char **argv) {
 
     Classifier cls;
     classifier_init(&cls, &t.model, &cc);
-    Ctx x = {&t, &mc, &cls, reader, {0}, {0}, NULL, NULL, NULL, K, b};
+    Cache cache = {0};
+    Ctx x = {&t, &mc, &cls, reader, {0}, {0}, NULL, NULL, NULL, K, b, &cache, label_of};
     cellbatch_init(&x.cb);
     tokenbatch_init(&x.tb);
     x.logits = floats_alloc(b * K);
     x.dlogits = floats_alloc(b * K);
     x.dhidden = floats_alloc(b * per_cell * mc.dim);
+    cache_build(&cache, &x, &train, &val, ntok_of, man->n_cells, max_nnz,
+                (double)config_int(cfg, "finetune.cache_mib") * 1048576.0);
+    free(ntok_of);
     // The best model so far: parameters and the random features they were
     // trained with (features are redrawn during training).
     const size_t P = t.model.table.total;
@@ -445,10 +610,15 @@ int cmd_finetune(int argc, char **argv) {
             double wl = 0;
             for (size_t m = 0; m < local_mb && rok; m++) {
                 size_t j = (size_t)t.rank + m * (size_t)t.size;
-                cellbatch_clear(&cbs[m]);
-                rok = shard_reader_read_ids(reader, perm + (size_t)s * G + j * b, b, &cbs[m]) == 0;
-                if (!rok) break;
-                tokens_from_cells(&tbs[m], &cbs[m], &mc, t.seed, t.step);
+                const int64_t *mb_ids = perm + (size_t)s * G + j * b;
+                if (cache.hidden) {
+                    cache_batch(&cache, mb_ids, b, &tbs[m], label_of);
+                } else {
+                    cellbatch_clear(&cbs[m]);
+                    rok = shard_reader_read_ids(reader, mb_ids, b, &cbs[m]) == 0;
+                    if (!rok) break;
+                    tokens_from_cells(&tbs[m], &cbs[m], &mc, t.seed, t.step);
+                }
                 for (size_t c = 0; c < b; c++) wl += cw ? cw[tbs[m].label[c]] : 1.0;
             }
             int all = 0;
@@ -456,11 +626,12 @@ int cmd_finetune(int argc, char **argv) {
             if (!all) DIE("reading training cells failed: %s", rok ? "on another rank" : error_last());
             CHECK_MPI(MPI_Allreduce(&wl, &wsum, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
             for (size_t m = 0; m < local_mb; m++) {
-                model_forward(&t.model, &tbs[m], &ctx);
+                if (cache.hidden) cache_hidden(&cache, &tbs[m], t.model.hidden, mc.dim);
+                else model_forward(&t.model, &tbs[m], &ctx);
                 classifier_forward(&cls, &t.model, &tbs[m], x.logits);
                 loss_local += classifier_loss(x.dlogits, x.logits, tbs[m].label, b, K, cw, wsum, &hit);
                 classifier_backward(&cls, &t.model, &tbs[m], x.dlogits, x.dhidden);
-                model_backward(&t.model, &tbs[m], &ctx, x.dhidden);
+                if (!cache.hidden) model_backward(&t.model, &tbs[m], &ctx, x.dhidden);
             }
             int local_bad = isfinite(loss_local) ? trainer_local_nonfinite(&t) : -2;
             gradsync_allreduce(&t.sync, t.model.grads);
@@ -572,7 +743,8 @@ int cmd_finetune(int argc, char **argv) {
     cellbatch_free(&x.cb);
     tokenbatch_free(&x.tb);
     free(x.logits), free(x.dlogits), free(x.dhidden), free(best), free(best_proj), free(best_dir), free(perm), free(pidx);
-    free(train.id), free(val.id), free(test.id), free(cw), free(per_class);
+    free(train.id), free(val.id), free(test.id), free(cw), free(per_class), free(label_of);
+    cache_free(&cache);
     shard_reader_close(reader);
     t.labels = NULL; // borrowed from the manifest
     trainer_free(&t);

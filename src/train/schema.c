@@ -93,7 +93,7 @@ const ConfigKey TRAIN_SCHEMA[] = {
     {"finetune.test_fraction", CFG_FLOAT, "0", 0, 0.9, NULL, "finetune: stratified test share held out entirely"},
     {"finetune.split_seed", CFG_INT, "2021", 0, 4294967295.0, NULL, "finetune: key of the stratified splits"},
     {"finetune.split_file", CFG_STRING, "", NOR, NULL, "finetune: TSV of cell name and train|val|test (overrides the fractions)"},
-    {"finetune.eval_every", CFG_INT, "0", 0, 1e9, NULL, "finetune: steps between validation passes (0: once per epoch)"},
+    {"finetune.cache_mib", CFG_INT, "4096", 0, 1e7, NULL, "finetune: with a frozen encoder (freeze = all, no dropout, no feature redraws, fixed tokens), its hidden states of the training and validation cells are kept in memory up to this size per rank, so that epochs train the head alone (0: never)"},
 };
 // clang-format on
 const size_t TRAIN_SCHEMA_LEN = sizeof TRAIN_SCHEMA / sizeof TRAIN_SCHEMA[0];

@@ -15,6 +15,10 @@
                                where mounts are allowed): a clear error, the previous
                                checkpoint intact, and the resumed run ends where an
                                uninterrupted run ends
+    pretrain_mpi.py finetune   fine-tuning a frozen encoder from its hidden states computed
+                               once equals computing them every epoch (1e-5), 2 ranks equal
+                               1 rank, and SIGUSR1 then --resume is bitwise the
+                               uninterrupted run
 
 Environment (from tests/run.sh): BIN, DATA, TEST_TMP, MPIRUN. Exit code 0 = pass.
 """
@@ -435,10 +439,87 @@ def test_fulldisk():
               "resumed after the full disk: bitwise equal to uninterrupted")
 
 
+def test_finetune():
+    pre = os.path.join(TMP, "ft-pre")
+    r = pretrain(1, pre, ["run.max_steps=2", "data.max_tokens=0", "run.val_every=0"])
+    check(r.returncode == 0, f"pretraining for the fine-tuning tests: exit 0 ({r.stderr.strip()[-300:]})")
+    if r.returncode != 0:
+        return
+    # 300 labelled cells: 240 train, 60 validation, 40 test (a split file).
+    with h5py.File(os.path.join(DATA, "pbmc3k", "pbmc3k_counts.h5ad"), "r") as f:
+        names = [x.decode() for x in f["obs"]["barcode"][:340]]
+    split = os.path.join(TMP, "split.tsv")
+    with open(split, "w", encoding="utf-8") as f:
+        for i, n in enumerate(names):
+            f.write(f"{n}\t{'train' if i < 240 else 'val' if i < 300 else 'test'}\n")
+    epochs, per_epoch = 3, 10
+    extra = ["--init", final_ckpt(pre, 2), f"finetune.split_file={split}", "finetune.freeze=all",
+             "finetune.head=linear", f"finetune.epochs={epochs}", "finetune.patience=0", "data.max_tokens=0",
+             "model.feature_redraw_interval=0", "batch.micro_batch=4", "batch.global_batch=24",
+             "checkpoint.every_steps=0", "run.log_every=1", "optim.lr=3e-3"]
+
+    def finetune_cmd(np_, run_dir, more=()):
+        return MPIRUN + ["-np", str(np_), PERFCELL, "finetune"] + TINY + [
+            f"data.shards={shards()}", f"run.dir={run_dir}"] + extra + list(more)
+
+    last = epochs * per_epoch
+    runs = {}
+    for name, np_, more in (("cached1", 1, []), ("uncached1", 1, ["finetune.cache_mib=0"]),
+                            ("cached2", 2, []), ("dropout1", 1, ["model.dropout_ff=0.1"])):
+        d = os.path.join(TMP, f"ft-{name}")
+        r = run(finetune_cmd(np_, d, more))
+        cached = "computed once" in r.stdout
+        check(r.returncode == 0 and cached == (name.startswith("cached")),
+              f"fine-tuning {name}: exit 0, hidden states {'cached' if cached else 'computed every epoch'} "
+              f"({r.stderr.strip()[-300:]})")
+        if name == "dropout1":
+            check("runs every epoch: the model has dropout" in r.stdout, "dropout: the log says why nothing is cached")
+        if r.returncode == 0:
+            runs[name] = params(final_ckpt(d, last))
+            runs[name + "@1"] = params(final_ckpt(d, per_epoch))
+    if len(runs) < 8:
+        return
+    # The cache encodes cells in other micro-batches than training does, so
+    # the states agree to float rounding only (~1e-7), as N ranks and 1 do;
+    # the head (the trainable tensors) is compared after the first epoch
+    # (Adam's normalised steps turn rounding in near-zero gradients into
+    # ~3e-5 there); the encoder must not move.
+    head = {k: v for k, v in runs["cached1"].items() if k.startswith("cls.")}
+    check(len(head) == 4, f"the linear head's tensors: {sorted(head)}")
+    pre_p = params(final_ckpt(pre, 2))
+    check(all(np.array_equal(v, pre_p[k]) for k, v in runs["cached1"].items() if k in pre_p),
+          "the frozen encoder's tensors are the pretrained ones, bitwise")
+    for a, b in (("uncached1", "cached1"), ("cached2", "cached1")):
+        e = rel_l2({k: runs[a + "@1"][k] for k in head}, {k: runs[b + "@1"][k] for k in head})
+        check(e < 1e-4, f"fine-tuning {a} vs {b} after {per_epoch} steps: head relative L2 {e:.2e} < 1e-4")
+
+    d = os.path.join(TMP, "ft-stopped")
+    p = subprocess.Popen(finetune_cmd(2, d), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sent, stop_step, out = False, None, []
+    for line in p.stdout:
+        out.append(line)
+        if not sent and line.startswith("step 14 ("):
+            p.send_signal(signal.SIGUSR1)
+            sent = True
+        if "checkpointing at step" in line:
+            stop_step = int(line.split("checkpointing at step")[1].split()[0])
+    rc = p.wait(timeout=300)
+    check(rc == 0 and stop_step is not None and stop_step < last,
+          f"fine-tuning, SIGUSR1 to mpirun: checkpoint at step {stop_step} and exit 0 (rc {rc})")
+    if stop_step is None:
+        print("".join(out)[-2000:])
+        return
+    r = run(finetune_cmd(2, d, ["--resume", "auto"]))
+    check(r.returncode == 0 and "computed once" in r.stdout, f"fine-tuning resumed from step {stop_step}")
+    if r.returncode == 0:
+        check(bitwise(params(final_ckpt(d, last)), runs["cached2"]),
+              "fine-tuning stopped and resumed on the same ranks: bitwise equal to uninterrupted")
+
+
 def main():
     os.makedirs(TMP, exist_ok=True)
     tests = {"ranks": test_ranks, "resume": test_resume, "kill": test_kill, "metrics": test_metrics,
-             "contrastive": test_contrastive, "nan": test_nan, "fulldisk": test_fulldisk}
+             "contrastive": test_contrastive, "nan": test_nan, "fulldisk": test_fulldisk, "finetune": test_finetune}
     if len(sys.argv) != 2 or sys.argv[1] not in tests:
         sys.exit(f"usage: {sys.argv[0]} {'|'.join(tests)}")
     tests[sys.argv[1]]()
