@@ -11,7 +11,9 @@
 // Linear head (any mode): the same per-position projection at gene slots and
 // ReLU, then one Linear(G + 1, classes) (tensors cls.slot.*, cls.fc.*): a
 // logistic regression over learned per-gene features, which regularises well
-// on small labelled sets.
+// on small labelled sets. `perfcell finetune` starts the projection as the
+// least-squares readout of each position's expression token from its hidden
+// state, so that the slots begin as the cells' expression levels.
 //
 // Pooled head (any mode): mean or last-position pooling -> Linear(C, hidden)
 // -> ReLU -> Linear(hidden, classes), tensors cls.fc1.*, cls.fc2.*.

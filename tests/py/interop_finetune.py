@@ -17,6 +17,10 @@ with tools/scbert_export.py and must
   - import again into a checkpoint with bitwise the same tensors and
     projections, on which `perfcell predict` writes byte for byte the same
     predictions as on the native one.
+
+Then the linear head with a learning rate of 0: its slot projection must be
+the least-squares readout of each gene position's expression token from the
+PyTorch reference's hidden states of the first 256 training cells.
 """
 import os
 import subprocess
@@ -109,7 +113,42 @@ def main() -> None:
     perfcell(["predict", "--checkpoint", again, "--input", cells, "--out", pred_again, "--probabilities"])
     check(open(pred_again, "rb").read() == open(pred_native, "rb").read(),
           "predict on the re-imported checkpoint differs from the native one")
-    finish("fine-tuning from imported weights; the fine-tuned model exports and re-imports exactly")
+    check_slot_init(tmp, shards, ck, train)
+    finish("fine-tuning from imported weights; the fine-tuned model exports and re-imports exactly; "
+           "the linear head starts as the expression readout")
+
+
+def check_slot_init(tmp, shards, ck, train) -> None:
+    split = os.path.join(tmp, "split.tsv")
+    with open(split, "w", encoding="utf-8") as f:
+        for i, name in enumerate(train.obs_names):
+            f.write(f"{name}\t{'train' if i < 280 else 'val'}\n")
+    run_dir = os.path.join(tmp, "ft_linear")
+    config = os.path.join(tmp, "finetune_linear.ini")
+    with open(config, "w", encoding="utf-8") as f:
+        f.write(f"[data]\nshards = {shards}\nmode = full\n"
+                f"[model]\ndim = {CONFIG.dim}\ndepth = {CONFIG.depth}\nheads = {CONFIG.heads}\n"
+                f"dim_head = {CONFIG.dim_head}\nnb_features = {CONFIG.nb_features}\nff_dim = {CONFIG.ff_dim}\n"
+                f"bins = {CONFIG.bins}\ngene_emb = frozen\n"
+                f"[finetune]\nhead = linear\nfreeze = all\nepochs = 1\nsplit_file = {split}\n"
+                f"[optim]\nlr = 0\n[batch]\nmicro_batch = 8\n[run]\ndir = {run_dir}\n")
+    r = perfcell(["finetune", "--config", config, "--init", ck])
+    check("fitted on 51200 positions" in r.stdout, "the readout is fitted on the 256 x 200 gene positions")
+    native = scbert_interop.read_checkpoint(scbert_interop.resolve_checkpoint(os.path.join(run_dir, "best")))
+    w = native.tensors["cls.slot.weight"].astype(np.float64).ravel()
+    b = float(native.tensors["cls.slot.bias"].ravel()[0])
+    h, _ = hidden_states(pretrain_model(seed=11), train.X[:256], "full")
+    tokens, genes, _ = pt.pack_cells(train.X[:256], "full", CONFIG.bins)
+    keep = (genes < N_GENES).numpy()
+    z = np.hstack([h.numpy().astype(np.float64)[keep], np.ones((int(keep.sum()), 1))])
+    y = tokens.numpy()[keep].astype(np.float64)
+    a = z.T @ z
+    a += (1e-6 * np.trace(a) / a.shape[0] + 1e-12) * np.eye(a.shape[0])
+    want = np.linalg.solve(a, z.T @ y)
+    got = np.append(w, b)
+    e = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+    print(f"linear head's slot projection vs least squares on the reference's hidden states: relative L2 {e:.2e}")
+    check(e < 1e-3, f"slot projection differs from the least-squares readout by {e:.2e} (relative L2)")
 
 
 if __name__ == "__main__":
