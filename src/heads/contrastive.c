@@ -374,10 +374,71 @@ static int all_read(Contrastive *c, int failed, int pass) {
     return -2;
 }
 
+// Pass 2 of one view of the sub-batch in c->sub (local cells from c0):
+// encode it again (unless its activations are still those of pass 1), then
+// back-propagate <z, G>, plus the MLM loss and the label loss on view 0.
+typedef struct {
+    Contrastive *c;
+    Model *m;
+    const HeadParams *h;
+    uint64_t seed;
+    int64_t step;
+    double mlm_weight, n_norm;
+    MlmStats *st;
+    int use_labels;
+    int64_t lab_global;
+    double label_loss;
+} Pass2;
+
+static void pass2_view(Pass2 *p, size_t c0, int view, int encode) {
+    Contrastive *c = p->c;
+    Model *m = p->m;
+    const HeadParams *hp = p->h;
+    const size_t D = c->cfg.proj_dim, C = m->cfg.dim, V = (size_t)m->cfg.bins + 2;
+    const TokenBatch *tb = &c->sub;
+    const size_t B = tb->n_cells, T = tb->n_tokens;
+    PassCtx ctx = {p->seed, p->step, view, 1};
+    if (encode) {
+        contrastive_encode(c, m, tb, &ctx, NULL);
+        const float *z1 = (view ? c->zb : c->za) + c0 * D;
+        if (memcmp(z1, c->z, B * D * sizeof(float)) != 0) c->z_mismatch++;
+    }
+    memset(c->dhidden, 0, T * C * sizeof(float));
+    if (view == 0 && p->mlm_weight > 0) {
+        const ParamEntry *ew = param_table_find(&m->table, "to_out.weight");
+        const ParamEntry *eb = param_table_find(&m->table, "to_out.bias");
+        mlm_logits(c->logits, m->hidden, m->params + ew->offset, m->params + eb->offset, T, C, V);
+        mlm_loss(c->dlogits, c->logits, tb->target, T, V, p->n_norm, p->st);
+        if (p->mlm_weight != 1.0)
+            for (size_t j = 0; j < T * V; j++) c->dlogits[j] *= (float)p->mlm_weight;
+        mlm_backward(c->dhidden, m->grads + ew->offset, m->grads + eb->offset, c->dlogits, m->hidden,
+                     m->params + ew->offset, T, C, V);
+    }
+    memcpy(c->dz, (view ? c->gb : c->ga) + c0 * D, B * D * sizeof(float));
+    proj_backward(c, hp, B, C);
+    if (view == 0 && p->use_labels && p->lab_global > 0) {
+        // Linear head on the pooled state; dpooled gets its gradient too.
+        size_t L = c->cfg.n_labels;
+        linear_forward(c->logits, c->pooled, hp->wl, hp->bl, B, C, L);
+        memset(c->dlogits, 0, B * L * sizeof(float));
+        double lw = c->cfg.label_weight / (double)p->lab_global;
+        for (size_t b = 0; b < B; b++) {
+            int y = tb->label[b];
+            if (y < 0 || (size_t)y >= L) continue;
+            p->label_loss += xent_row(c->dlogits + b * L, c->logits + b * L, L, y, lw, NULL) /
+                             (double)p->lab_global;
+        }
+        linear_backward(NULL, hp->dwl, hp->dbl, c->dlogits, c->pooled, hp->wl, B, C, L);
+        gemm(0, 0, B, C, L, 1.0f, c->dlogits, L, hp->wl, C, 1.0f, c->dpooled, C);
+    }
+    pool_backward(c->dhidden, c->dpooled, tb, C, c->cfg.pool_mean);
+    model_backward(m, tb, &ctx, c->dhidden);
+}
+
 int contrastive_step_cells(Contrastive *c, Model *m, const StepCells *cells, uint64_t seed,
                            int64_t step, double mlm_weight, double n_norm, MlmStats *st,
                            double *loss_out) {
-    const size_t D = c->cfg.proj_dim, C = m->cfg.dim, V = (size_t)m->cfg.bins + 2;
+    const size_t D = c->cfg.proj_dim;
     HeadParams h = head_params(m);
     size_t n_local = 0;
     for (size_t i = 0; i < cells->n_mb; i++) n_local += cells->n_cells[i];
@@ -447,58 +508,28 @@ int contrastive_step_cells(Contrastive *c, Model *m, const StepCells *cells, uin
     int use_labels = c->cfg.label_weight > 0 && h.wl;
     if (use_labels)
         CHECK_MPI(MPI_Allreduce(&lab_local, &lab_global, 1, MPI_INT64_T, MPI_SUM, c->comm));
-    double label_loss = 0.0;
 
     // Pass 2: the same cells again (the source reads them anew), re-encoded
-    // with activations, and back-propagated.
+    // with activations, and back-propagated. The sub-batch encoded last in
+    // pass 1 still has its cells (c->sub) and the activations of its second
+    // view: it goes first, that view without encoding it again.
+    Pass2 p2 = {c, m, &h, seed, step, mlm_weight, n_norm, st, use_labels, lab_global, 0.0};
+    size_t last0 = n_local ? (n_local - 1) / sub * sub : 0; // first cell of the last sub-batch
+    if (n_local > 0) {
+        pass2_view(&p2, last0, 1, 0);
+        pass2_view(&p2, last0, 0, 1);
+    }
     fetch_start(&f, cells, 2);
-    for (size_t c0 = 0; c0 < n_local && !f.failed; c0 += sub) {
+    for (size_t c0 = 0; c0 < last0 && !f.failed; c0 += sub) {
         size_t c1 = c0 + sub < n_local ? c0 + sub : n_local;
         if (build_sub(c, &f, c0, c1) != 0) break;
-        const TokenBatch *tb = &c->sub;
-        const size_t B = tb->n_cells, T = tb->n_tokens;
-        for (int view = 0; view < 2; view++) {
-            PassCtx ctx = {seed, step, view, 1};
-            contrastive_encode(c, m, tb, &ctx, NULL);
-            const float *z1 = (view ? c->zb : c->za) + c0 * D;
-            if (memcmp(z1, c->z, B * D * sizeof(float)) != 0) c->z_mismatch++;
-            memset(c->dhidden, 0, T * C * sizeof(float));
-            if (view == 0 && mlm_weight > 0) {
-                const ParamEntry *ew = param_table_find(&m->table, "to_out.weight");
-                const ParamEntry *eb = param_table_find(&m->table, "to_out.bias");
-                mlm_logits(c->logits, m->hidden, m->params + ew->offset, m->params + eb->offset, T, C, V);
-                mlm_loss(c->dlogits, c->logits, tb->target, T, V, n_norm, st);
-                if (mlm_weight != 1.0)
-                    for (size_t j = 0; j < T * V; j++) c->dlogits[j] *= (float)mlm_weight;
-                mlm_backward(c->dhidden, m->grads + ew->offset, m->grads + eb->offset, c->dlogits,
-                             m->hidden, m->params + ew->offset, T, C, V);
-            }
-            memcpy(c->dz, (view ? c->gb : c->ga) + c0 * D, B * D * sizeof(float));
-            proj_backward(c, &h, B, C);
-            if (view == 0 && use_labels && lab_global > 0) {
-                // Linear head on the pooled state; dpooled gets its gradient too.
-                size_t L = c->cfg.n_labels;
-                linear_forward(c->logits, c->pooled, h.wl, h.bl, B, C, L);
-                memset(c->dlogits, 0, B * L * sizeof(float));
-                double lw = c->cfg.label_weight / (double)lab_global;
-                for (size_t b = 0; b < B; b++) {
-                    int y = tb->label[b];
-                    if (y < 0 || (size_t)y >= L) continue;
-                    label_loss += xent_row(c->dlogits + b * L, c->logits + b * L, L, y, lw, NULL) /
-                                  (double)lab_global;
-                }
-                linear_backward(NULL, h.dwl, h.dbl, c->dlogits, c->pooled, h.wl, B, C, L);
-                gemm(0, 0, B, C, L, 1.0f, c->dlogits, L, h.wl, C, 1.0f, c->dpooled, C);
-            }
-            pool_backward(c->dhidden, c->dpooled, tb, C, c->cfg.pool_mean);
-            model_backward(m, tb, &ctx, c->dhidden);
-        }
+        for (int view = 0; view < 2; view++) pass2_view(&p2, c0, view, 1);
     }
     fetch_finish(&f);
     if ((rc = all_read(c, f.failed, 2)) != 0) return rc;
     if (use_labels) {
         double g = 0;
-        CHECK_MPI(MPI_Allreduce(&label_loss, &g, 1, MPI_DOUBLE, MPI_SUM, c->comm));
+        CHECK_MPI(MPI_Allreduce(&p2.label_loss, &g, 1, MPI_DOUBLE, MPI_SUM, c->comm));
         c->label_loss = g;
     }
     *loss_out = c->loss;
