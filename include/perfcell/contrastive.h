@@ -12,7 +12,8 @@
 //      log-sum-exp), and scatters each rank's rows of G (MPI_Scatterv);
 //   3. pass 2 re-encodes each sub-batch with activations (the same keyed
 //      dropout gives bitwise the same z) and back-propagates <z, G> plus the
-//      sub-batch's MLM loss;
+//      sub-batch's MLM loss; the sub-batch encoded last in pass 1 goes first,
+//      its second view from the activations pass 1 left;
 //   4. the caller all-reduces the gradients and steps the optimizer.
 // With P the row softmax of a·bᵀ/tau:
 //   dL/da_i = 1/(N tau) Σ_j (P_ij - δ_ij) b_j,  dL/db_j = 1/(N tau) Σ_i (P_ij - δ_ij) a_i
