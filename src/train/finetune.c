@@ -28,10 +28,12 @@ static const char USAGE[] =
     "                                      [section.key=value ...]\n"
     "\n"
     "Fine-tunes a pretrained model to annotate cell types from the shards' label\n"
-    "column. Heads: scBERT's (full mode) or a pooled MLP (finetune.head);\n"
+    "column. Heads: scBERT's (the default in full mode), a linear readout of the\n"
+    "gene slots (the default in nonzero mode) or a pooled MLP (finetune.head);\n"
     "freezing: scBERT's policy (final norm, second-to-last block and head train),\n"
     "none, embeddings (all but the gene and token embeddings train), or all (head\n"
-    "only) (finetune.freeze). Early stopping on validation\n"
+    "only) (finetune.freeze); a frozen encoder's hidden states are computed once\n"
+    "(finetune.cache_mib). Early stopping on validation\n"
     "macro-F1. Writes RUN_DIR/best/ (the best model, for `perfcell predict`),\n"
     "RUN_DIR/report_val.{tsv,svg} and, with a test split, RUN_DIR/report_test.*\n";
 
