@@ -199,6 +199,26 @@ static void cache_hidden(const Cache *k, const TokenBatch *tb, float *hidden, si
     }
 }
 
+// Cells `ids` read, tokenised and encoded (no dropout) into x->tb and the
+// model's hidden states; 0, or -1 when a read fails.
+static int read_encode(Ctx *x, const int64_t *ids, size_t n) {
+    Trainer *t = x->t;
+    PassCtx ctx = {t->seed, 0, 0, 0};
+    cellbatch_clear(&x->cb);
+    if (shard_reader_read_ids(x->reader, ids, n, &x->cb) != 0) return -1;
+    tokens_from_cells(&x->tb, &x->cb, x->mc, t->seed, 0);
+    model_forward(&t->model, &x->tb, &ctx);
+    return 0;
+}
+
+// The same from the cache when it holds all of the cells.
+static int load_encoded(Ctx *x, const int64_t *ids, size_t n) {
+    if (!cache_has(x->cache, ids, n)) return read_encode(x, ids, n);
+    cache_batch(x->cache, ids, n, &x->tb, x->label_of);
+    cache_hidden(x->cache, &x->tb, x->t->model.hidden, x->mc->dim);
+    return 0;
+}
+
 // Cache the cells of a and b (ascending ids) when the encoder is frozen and
 // the states fit in cap_bytes; otherwise log why not (when it matters).
 // ntok: tokens of every cell of the folder. Collective.
@@ -257,22 +277,18 @@ static void cache_build(Cache *k, Ctx *x, const IdList *a, const IdList *b, cons
         dsp_h[r] = dsp_g[r] * (int)C;
     }
     size_t lo = per * (size_t)t->rank < n ? per * (size_t)t->rank : n, hi = lo + per < n ? lo + per : n;
-    PassCtx ctx = {t->seed, 0, 0, 0};
     int ok = 1;
     for (size_t i = lo; i < hi && ok; i += x->b) {
         size_t nb = hi - i < x->b ? hi - i : x->b;
-        cellbatch_clear(&x->cb);
-        if (shard_reader_read_ids(x->reader, ids + i, nb, &x->cb) != 0) {
+        if (read_encode(x, ids + i, nb) != 0) {
             ok = 0;
             break;
         }
-        tokens_from_cells(&x->tb, &x->cb, mc, t->seed, 0);
         if ((int64_t)x->tb.n_tokens != k->off[i + nb] - k->off[i]) {
             ok = !error_set("internal: cells %lld.. have %zu tokens, expected %lld", (long long)ids[i],
                             x->tb.n_tokens, (long long)(k->off[i + nb] - k->off[i]));
             break;
         }
-        model_forward(&t->model, &x->tb, &ctx);
         memcpy(k->hidden + (size_t)k->off[i] * C, t->model.hidden, x->tb.n_tokens * C * sizeof(float));
         memcpy(k->gene + k->off[i], x->tb.gene, x->tb.n_tokens * sizeof *k->gene);
         memcpy(k->token + k->off[i], x->tb.token, x->tb.n_tokens * sizeof *k->token);
@@ -294,6 +310,32 @@ static void cache_build(Cache *k, Ctx *x, const IdList *a, const IdList *b, cons
 
 #define SLOT_INIT_CELLS 256
 
+// Solve A x = b for symmetric positive definite A (D, D), only its lower
+// triangle read: Cholesky A = L Lᵀ in place, then two triangular solves;
+// x replaces b. 0, or -1 when A is not positive definite.
+static int cholesky_solve(double *A, double *b, size_t D) {
+    for (size_t j = 0; j < D; j++) {
+        double d = A[j * D + j];
+        for (size_t k = 0; k < j; k++) d -= A[j * D + k] * A[j * D + k];
+        if (!(d > 0)) return -1;
+        A[j * D + j] = sqrt(d);
+        for (size_t i = j + 1; i < D; i++) {
+            double v = A[i * D + j];
+            for (size_t k = 0; k < j; k++) v -= A[i * D + k] * A[j * D + k];
+            A[i * D + j] = v / A[j * D + j];
+        }
+    }
+    for (size_t i = 0; i < D; i++) {
+        for (size_t k = 0; k < i; k++) b[i] -= A[i * D + k] * b[k];
+        b[i] /= A[i * D + i];
+    }
+    for (size_t i = D; i-- > 0;) {
+        for (size_t k = i + 1; k < D; k++) b[i] -= A[k * D + i] * b[k];
+        b[i] /= A[i * D + i];
+    }
+    return 0;
+}
+
 // A fresh linear head's slot projection: the least-squares readout of each
 // gene position's own expression token from its final hidden state, over the
 // first training cells (ridge 1e-6 of the mean diagonal), so that the slots
@@ -309,20 +351,11 @@ static void slot_init(Ctx *x, const IdList *train, float *w, float *bias) {
     if (t->rank == 0) {
         double *A = xcalloc(D * D, sizeof *A), *r = xcalloc(D, sizeof *r), *z = xmalloc(D * sizeof *z);
         size_t n = train->n < SLOT_INIT_CELLS ? train->n : SLOT_INIT_CELLS;
-        PassCtx ctx = {t->seed, 0, 0, 0};
         for (size_t i = 0; i < n && ok; i += x->b) {
             size_t nb = n - i < x->b ? n - i : x->b;
-            if (cache_has(x->cache, train->id + i, nb)) {
-                cache_batch(x->cache, train->id + i, nb, &x->tb, x->label_of);
-                cache_hidden(x->cache, &x->tb, t->model.hidden, C);
-            } else {
-                cellbatch_clear(&x->cb);
-                if (shard_reader_read_ids(x->reader, train->id + i, nb, &x->cb) != 0) {
-                    ok = 0;
-                    break;
-                }
-                tokens_from_cells(&x->tb, &x->cb, x->mc, t->seed, 0);
-                model_forward(&t->model, &x->tb, &ctx);
+            if (load_encoded(x, train->id + i, nb) != 0) {
+                ok = 0;
+                break;
             }
             for (size_t p = 0; p < x->tb.n_tokens; p++) {
                 if ((size_t)x->tb.gene[p] >= G) continue; // the last position
@@ -340,34 +373,11 @@ static void slot_init(Ctx *x, const IdList *train, float *w, float *bias) {
         double tr = 0;
         for (size_t a = 0; a < D; a++) tr += A[a * D + a];
         for (size_t a = 0; a < D; a++) A[a * D + a] += 1e-6 * tr / (double)D + 1e-12;
-        // Cholesky A = L Lᵀ (lower triangle in place), then two triangular solves.
-        for (size_t j = 0; j < D && ok; j++) {
-            double d = A[j * D + j];
-            for (size_t k = 0; k < j; k++) d -= A[j * D + k] * A[j * D + k];
-            if (!(d > 0)) {
-                ok = !error_set("the slot readout's normal equations are not positive definite");
-                break;
-            }
-            A[j * D + j] = sqrt(d);
-            for (size_t i = j + 1; i < D; i++) {
-                double v = A[i * D + j];
-                for (size_t k = 0; k < j; k++) v -= A[i * D + k] * A[j * D + k];
-                A[i * D + j] = v / A[j * D + j];
-            }
-        }
+        if (ok && cholesky_solve(A, r, D) != 0)
+            ok = !error_set("the slot readout's normal equations are not positive definite");
         if (ok) {
-            for (size_t i = 0; i < D; i++) {
-                double v = r[i];
-                for (size_t k = 0; k < i; k++) v -= A[i * D + k] * z[k];
-                z[i] = v / A[i * D + i];
-            }
-            for (size_t i = D; i-- > 0;) {
-                double v = z[i];
-                for (size_t k = i + 1; k < D; k++) v -= A[k * D + i] * z[k];
-                z[i] = v / A[i * D + i];
-            }
-            for (size_t a = 0; a < C; a++) w[a] = (float)z[a];
-            *bias = (float)z[C];
+            for (size_t a = 0; a < C; a++) w[a] = (float)r[a];
+            *bias = (float)r[C];
         }
         free(A), free(r), free(z);
     }
@@ -389,20 +399,11 @@ static double evaluate(Ctx *x, const IdList *ids, Confusion *conf) {
     if (lo > ids->n) lo = ids->n;
     double loss = 0.0;
     int ok = 1;
-    PassCtx ctx = {t->seed, 0, 0, 0};
     for (size_t i = lo; i < hi && ok; i += x->b) {
         size_t n = hi - i < x->b ? hi - i : x->b;
-        if (cache_has(x->cache, ids->id + i, n)) {
-            cache_batch(x->cache, ids->id + i, n, &x->tb, x->label_of);
-            cache_hidden(x->cache, &x->tb, t->model.hidden, x->mc->dim);
-        } else {
-            cellbatch_clear(&x->cb);
-            if (shard_reader_read_ids(x->reader, ids->id + i, n, &x->cb) != 0) {
-                ok = 0;
-                break;
-            }
-            tokens_from_cells(&x->tb, &x->cb, x->mc, t->seed, 0);
-            model_forward(&t->model, &x->tb, &ctx);
+        if (load_encoded(x, ids->id + i, n) != 0) {
+            ok = 0;
+            break;
         }
         classifier_forward(x->cls, &t->model, &x->tb, x->logits);
         loss += classifier_loss(NULL, x->logits, x->tb.label, n, x->K, NULL, 1.0, NULL);

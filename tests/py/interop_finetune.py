@@ -36,6 +36,17 @@ PROB_TOL = 1e-5
 TRAIN_CELLS = 300
 
 
+def finetune_config(path, shards, run_dir, finetune, extra="") -> str:
+    """A fine-tuning config for the reference model's size in full mode."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"[data]\nshards = {shards}\nmode = full\n"
+                f"[model]\ndim = {CONFIG.dim}\ndepth = {CONFIG.depth}\nheads = {CONFIG.heads}\n"
+                f"dim_head = {CONFIG.dim_head}\nnb_features = {CONFIG.nb_features}\nff_dim = {CONFIG.ff_dim}\n"
+                f"bins = {CONFIG.bins}\ngene_emb = frozen\n"
+                f"[finetune]\n{finetune}{extra}[batch]\nmicro_batch = 8\n[run]\ndir = {run_dir}\n")
+    return path
+
+
 def main() -> None:
     import anndata as ad
     import scipy.sparse as sp
@@ -60,13 +71,7 @@ def main() -> None:
     ck = os.path.join(tmp, "pretrained.h5")
     tool_ok(["import", pth, "--vocab", vocab, "--out", ck])
     run_dir = os.path.join(tmp, "ft")
-    config = os.path.join(tmp, "finetune.ini")
-    with open(config, "w", encoding="utf-8") as f:
-        f.write(f"[data]\nshards = {shards}\nmode = full\n"
-                f"[model]\ndim = {CONFIG.dim}\ndepth = {CONFIG.depth}\nheads = {CONFIG.heads}\n"
-                f"dim_head = {CONFIG.dim_head}\nnb_features = {CONFIG.nb_features}\nff_dim = {CONFIG.ff_dim}\n"
-                f"bins = {CONFIG.bins}\ngene_emb = frozen\n"
-                f"[finetune]\nhead = scbert\nepochs = 1\n[batch]\nmicro_batch = 8\n[run]\ndir = {run_dir}\n")
+    config = finetune_config(os.path.join(tmp, "finetune.ini"), shards, run_dir, "head = scbert\nepochs = 1\n")
     perfcell(["finetune", "--config", config, "--init", ck])
     best = os.path.join(run_dir, "best")
     native = scbert_interop.read_checkpoint(scbert_interop.resolve_checkpoint(best))
@@ -124,14 +129,8 @@ def check_slot_init(tmp, shards, ck, train) -> None:
         for i, name in enumerate(train.obs_names):
             f.write(f"{name}\t{'train' if i < 280 else 'val'}\n")
     run_dir = os.path.join(tmp, "ft_linear")
-    config = os.path.join(tmp, "finetune_linear.ini")
-    with open(config, "w", encoding="utf-8") as f:
-        f.write(f"[data]\nshards = {shards}\nmode = full\n"
-                f"[model]\ndim = {CONFIG.dim}\ndepth = {CONFIG.depth}\nheads = {CONFIG.heads}\n"
-                f"dim_head = {CONFIG.dim_head}\nnb_features = {CONFIG.nb_features}\nff_dim = {CONFIG.ff_dim}\n"
-                f"bins = {CONFIG.bins}\ngene_emb = frozen\n"
-                f"[finetune]\nhead = linear\nfreeze = all\nepochs = 1\nsplit_file = {split}\n"
-                f"[optim]\nlr = 0\n[batch]\nmicro_batch = 8\n[run]\ndir = {run_dir}\n")
+    config = finetune_config(os.path.join(tmp, "finetune_linear.ini"), shards, run_dir,
+                             f"head = linear\nfreeze = all\nepochs = 1\nsplit_file = {split}\n", "[optim]\nlr = 0\n")
     r = perfcell(["finetune", "--config", config, "--init", ck])
     check("fitted on 51200 positions" in r.stdout, "the readout is fitted on the 256 x 200 gene positions")
     native = scbert_interop.read_checkpoint(scbert_interop.resolve_checkpoint(os.path.join(run_dir, "best")))
