@@ -22,7 +22,7 @@ void cellbatch_free(CellBatch *b) {
 }
 
 void cellbatch_reserve(CellBatch *b, size_t n, size_t nnz) {
-    if (n > b->cap_cells || !b->offset) {
+    if (n > b->cap_cells || !b->offset || !b->cell_id) {
         size_t cap = b->cap_cells ? b->cap_cells : 64;
         while (cap < n) cap *= 2;
         b->cell_id = xrealloc(b->cell_id, cap * sizeof *b->cell_id);
@@ -33,7 +33,9 @@ void cellbatch_reserve(CellBatch *b, size_t n, size_t nnz) {
         if (fresh) b->offset[0] = 0;
         b->cap_cells = cap;
     }
-    if (nnz > b->cap_nnz) {
+    // Allocated even for nnz == 0: callers offset these pointers (gene + nnz)
+    // before knowing whether any value follows, and a null base is undefined.
+    if (nnz > b->cap_nnz || !b->gene) {
         size_t cap = b->cap_nnz ? b->cap_nnz : 4096;
         while (cap < nnz) cap *= 2;
         b->gene = xrealloc(b->gene, cap * sizeof *b->gene);
