@@ -6,3 +6,4 @@ run pretrain.metrics_plot 300 "$PYTHON" tests/py/pretrain_mpi.py metrics
 run pretrain.nan_policy 600 "$PYTHON" tests/py/pretrain_mpi.py nan
 run pretrain.full_disk 600 "$PYTHON" tests/py/pretrain_mpi.py fulldisk
 run pretrain.finetune_cache_resume 600 "$PYTHON" tests/py/pretrain_mpi.py finetune
+run pretrain.finetune_lbfgs 600 "$PYTHON" tests/py/pretrain_mpi.py finetune_lbfgs

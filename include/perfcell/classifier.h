@@ -60,6 +60,11 @@ void classifier_forward(Classifier *c, const Model *m, const TokenBatch *tb, flo
 // dhidden (T, C) is overwritten.
 void classifier_backward(Classifier *c, Model *m, const TokenBatch *tb, const float *dlogits,
                          float *dhidden);
+// Linear head: the ReLU slot value of each of tb's positions (T) from
+// m->hidden, as classifier_forward computes it before placing it at the
+// position's gene slot (logits = fc(slots)). With the slot projection and the
+// encoder fixed these are the head's fixed features.
+void classifier_slot_values(const Classifier *c, const Model *m, const TokenBatch *tb, float *s);
 
 // Cross-entropy of logits (B, K) against labels (-1 ignored) with optional
 // class weights (NULL: 1); dlogits = d(Σ w_y CE) / norm. Adds to *correct the

@@ -24,6 +24,12 @@ static const char *tensor_name(ClsKind k, size_t i) {
 
 // Per-position projection at gene slots: x[b, gene_t] = w·h_t + bias; slots of
 // absent genes (nonzero mode) are 0.
+static float slot_value(const float *h, const float *w, float bias, size_t C) {
+    float s = bias;
+    for (size_t k = 0; k < C; k++) s += h[k] * w[k];
+    return s;
+}
+
 static void slots_forward(float *x0, const float *w, float bias, const Model *m, const TokenBatch *tb,
                           size_t T, size_t C) {
     memset(x0, 0, tb->n_cells * T * sizeof *x0);
@@ -31,11 +37,15 @@ static void slots_forward(float *x0, const float *w, float bias, const Model *m,
         size_t t0 = (size_t)tb->offset[b], n = (size_t)tb->offset[b + 1] - t0;
         const float *h = m->hidden + t0 * C;
         float *x = x0 + b * T;
-        for (size_t t = 0; t < n; t++) {
-            float s = bias;
-            for (size_t k = 0; k < C; k++) s += h[t * C + k] * w[k];
-            x[tb->gene[t0 + t]] = s;
-        }
+        for (size_t t = 0; t < n; t++) x[tb->gene[t0 + t]] = slot_value(h + t * C, w, bias, C);
+    }
+}
+
+void classifier_slot_values(const Classifier *c, const Model *m, const TokenBatch *tb, float *s) {
+    CHECK(c->cfg.kind == CLS_LINEAR, "internal: slot values of a head without slots");
+    for (size_t t = 0; t < tb->n_tokens; t++) {
+        float v = slot_value(m->hidden + t * c->C, c->w[0], c->w[1][0], c->C);
+        s[t] = v > 0.0f ? v : 0.0f;
     }
 }
 

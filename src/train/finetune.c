@@ -6,9 +6,12 @@
 // takes micro-batches j = r, r + N, ... of each step (the same global batches
 // for any number of ranks). After each epoch the validation macro-F1 decides
 // early stopping and which parameters are kept as the best; at the end the
-// best model is evaluated on the validation and test cells.
+// best model is evaluated on the validation and test cells. With
+// finetune.solver = lbfgs an epoch is instead a round of full-batch L-BFGS on
+// the linear head's readout (see Readout below).
 #include "perfcell/classifier.h"
 #include "perfcell/error.h"
+#include "perfcell/lbfgs.h"
 #include "perfcell/log.h"
 #include "perfcell/pretrain.h"
 #include "perfcell/report.h"
@@ -33,7 +36,8 @@ static const char USAGE[] =
     "freezing: scBERT's policy (final norm, second-to-last block and head train),\n"
     "none, embeddings (all but the gene and token embeddings train), or all (head\n"
     "only) (finetune.freeze); a frozen encoder's hidden states are computed once\n"
-    "(finetune.cache_mib). Early stopping on validation\n"
+    "(finetune.cache_mib) and the linear head's readout may be trained by\n"
+    "full-batch L-BFGS on them (finetune.solver = lbfgs). Early stopping on validation\n"
     "macro-F1. Writes RUN_DIR/best/ (the best model, for `perfcell predict`),\n"
     "RUN_DIR/report_val.{tsv,svg} and, with a test split, RUN_DIR/report_test.*\n";
 
@@ -220,15 +224,16 @@ static int load_encoded(Ctx *x, const int64_t *ids, size_t n) {
 }
 
 // Cache the cells of a and b (ascending ids) when the encoder is frozen and
-// the states fit in cap_bytes; otherwise log why not (when it matters).
-// ntok: tokens of every cell of the folder. Collective.
-static void cache_build(Cache *k, Ctx *x, const IdList *a, const IdList *b, const int32_t *ntok,
+// the states fit in cap_bytes; otherwise log why not (when it matters) and
+// return the reason. ntok: tokens of every cell of the folder. Collective.
+static const char *cache_build(Cache *k, Ctx *x, const IdList *a, const IdList *b, const int32_t *ntok,
                         int64_t n_folder, int64_t max_nnz, double cap_bytes) {
     Trainer *t = x->t;
     const ModelConfig *mc = x->mc;
     const size_t C = mc->dim;
     memset(k, 0, sizeof *k);
-    if (t->model.any_trainable || cap_bytes <= 0) return;
+    if (t->model.any_trainable) return "encoder tensors train (finetune.freeze is not all)";
+    if (cap_bytes <= 0) return "finetune.cache_mib is 0";
     const char *why = NULL;
     if (mc->dropout_emb > 0 || mc->dropout_attn > 0 || mc->dropout_ff > 0)
         why = "the model has dropout (set model.dropout_emb, dropout_attn and dropout_ff to 0)";
@@ -251,7 +256,7 @@ static void cache_build(Cache *k, Ctx *x, const IdList *a, const IdList *b, cons
         log_info("finetune: the frozen encoder runs every epoch: %s (%.0f MiB of hidden states)", why,
                  bytes / 1048576.0);
         free(ids);
-        return;
+        return why;
     }
     double t0 = time_now();
     k->n = n;
@@ -306,6 +311,133 @@ static void cache_build(Cache *k, Ctx *x, const IdList *a, const IdList *b, cons
     log_info("finetune: frozen encoder: hidden states of %zu training and validation cells computed once "
              "(%.0f MiB per rank, %.1f s); epochs train the head alone",
              n, bytes / 1048576.0, time_now() - t0);
+    return NULL;
+}
+
+// finetune.solver = lbfgs. With the encoder frozen and cached and the linear
+// head's slot projection fixed, every training cell's ReLU slot values are
+// fixed features, and training the readout (fc: K x T weights and K biases)
+// is a class-weighted, L2-regularised multinomial logistic regression on
+// them, the convex problem scikit-learn's LogisticRegression solves with
+// L-BFGS:
+//   f(W, b) = Σ_i w_{y_i} CE(W s_i + b, y_i) / Σ_i w_{y_i} + λ/2 |W|²
+// Each rank holds the slot values of a contiguous share of the training
+// cells (sparse: one value per position) and evaluates its part in double;
+// one all-reduce per evaluation sums the parts. classifier_forward computes
+// the same logits from the same slot values (for validation, test, predict).
+typedef struct {
+    size_t n;            // cells of this rank
+    int64_t *off;        // (n + 1) positions of each cell
+    int32_t *slot;       // gene slot of each position
+    float *value;        // ReLU slot value of each position
+    int32_t *label;      // (n)
+    const double *cw;    // class weights, or NULL
+    double wsum;         // Σ class weight over all training cells
+    double lambda;       // L2 coefficient of W
+    size_t K, T;         // classes, slots per cell (genes + 1)
+    double *gl, *z;      // local gradient (K T + K), logits of one cell (K)
+    double ce;           // weighted cross-entropy of the last evaluation
+    int64_t hit;         // its arg-max hits over all ranks
+} Readout;
+
+static void readout_build(Readout *r, Ctx *x, const IdList *train, const double *cw, double lambda) {
+    Trainer *t = x->t;
+    memset(r, 0, sizeof *r);
+    const size_t per = (train->n + (size_t)t->size - 1) / (size_t)t->size;
+    size_t lo = per * (size_t)t->rank < train->n ? per * (size_t)t->rank : train->n;
+    size_t hi = lo + per < train->n ? lo + per : train->n;
+    r->n = hi - lo;
+    r->K = x->K;
+    r->T = x->cls->T_cell;
+    r->cw = cw;
+    r->lambda = lambda;
+    r->off = xmalloc((r->n + 1) * sizeof *r->off);
+    r->label = xmalloc((r->n + 1) * sizeof *r->label);
+    r->off[0] = 0;
+    size_t cap = 1;
+    for (size_t i = lo; i < hi; i++) {
+        int64_t s = x->cache->slot[train->id[i]];
+        cap += (size_t)(x->cache->off[s + 1] - x->cache->off[s]);
+    }
+    r->slot = xmalloc(cap * sizeof *r->slot);
+    r->value = xmalloc(cap * sizeof *r->value);
+    double wl = 0;
+    for (size_t i = lo; i < hi; i += x->b) {
+        size_t nb = hi - i < x->b ? hi - i : x->b;
+        load_encoded(x, train->id + i, nb);
+        int64_t p0 = r->off[i - lo];
+        classifier_slot_values(x->cls, &t->model, &x->tb, r->value + p0);
+        memcpy(r->slot + p0, x->tb.gene, x->tb.n_tokens * sizeof *r->slot);
+        for (size_t c = 0; c < nb; c++) {
+            r->off[i - lo + c + 1] = p0 + x->tb.offset[c + 1];
+            r->label[i - lo + c] = x->tb.label[c];
+            if (x->tb.label[c] >= 0) wl += cw ? cw[x->tb.label[c]] : 1.0;
+        }
+    }
+    CHECK_MPI(MPI_Allreduce(&wl, &r->wsum, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
+    r->gl = xmalloc((r->K * r->T + r->K) * sizeof *r->gl);
+    r->z = xmalloc(r->K * sizeof *r->z);
+}
+
+static void readout_free(Readout *r) {
+    free(r->off), free(r->slot), free(r->value), free(r->label), free(r->gl), free(r->z);
+    memset(r, 0, sizeof *r);
+}
+
+// v = [W (K x T, row-major as cls.fc.weight), b (K)]. Collective.
+static double readout_objective(const double *v, double *g, void *ctx) {
+    Readout *r = ctx;
+    const size_t K = r->K, T = r->T, nv = K * T + K;
+    const double *W = v, *bias = v + K * T;
+    memset(r->gl, 0, nv * sizeof *r->gl);
+    double loss[2] = {0, 0}; // cross-entropy, hits
+    for (size_t i = 0; i < r->n; i++) {
+        int y = r->label[i];
+        if (y < 0) continue;
+        const int64_t p0 = r->off[i], p1 = r->off[i + 1];
+        double zmax = -INFINITY;
+        size_t am = 0;
+        for (size_t k = 0; k < K; k++) {
+            double z = bias[k];
+            const double *wk = W + k * T;
+            for (int64_t p = p0; p < p1; p++) z += wk[r->slot[p]] * (double)r->value[p];
+            r->z[k] = z;
+            if (z > zmax) zmax = z, am = k;
+        }
+        double sum = 0;
+        for (size_t k = 0; k < K; k++) sum += exp(r->z[k] - zmax);
+        double w = (r->cw ? r->cw[y] : 1.0) / r->wsum;
+        loss[0] += w * (zmax + log(sum) - r->z[y]);
+        loss[1] += am == (size_t)y;
+        for (size_t k = 0; k < K; k++) {
+            double dz = w * (exp(r->z[k] - zmax) / sum - (k == (size_t)y ? 1.0 : 0.0));
+            double *gk = r->gl + k * T;
+            for (int64_t p = p0; p < p1; p++) gk[r->slot[p]] += dz * (double)r->value[p];
+            r->gl[K * T + k] += dz;
+        }
+    }
+    CHECK_MPI(MPI_Allreduce(r->gl, g, (int)nv, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
+    double all[2];
+    CHECK_MPI(MPI_Allreduce(loss, all, 2, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
+    r->ce = all[0];
+    r->hit = (int64_t)all[1];
+    double pen = 0;
+    for (size_t i = 0; i < K * T; i++) {
+        pen += W[i] * W[i];
+        g[i] += r->lambda * W[i];
+    }
+    return all[0] + 0.5 * r->lambda * pen;
+}
+
+typedef struct {
+    Trainer *t;
+    double *last_ckpt, start;
+} ReadoutStop;
+
+// A stop signal or run.max_minutes ends the round (collective).
+static int readout_stop(void *ctx) {
+    ReadoutStop *s = ctx;
+    return trainer_step_flags(s->t, s->last_ckpt, s->start).stop;
 }
 
 #define SLOT_INIT_CELLS 256
@@ -574,6 +706,16 @@ int cmd_finetune(int argc, char **argv) {
     model_table_add_encoder(&table, &mc);
     classifier_head_add(&table, &mc, &cc);
     apply_freeze(&table, &mc, config_str(cfg, "finetune.freeze"));
+    const int lbfgs = strcmp(config_str(cfg, "finetune.solver"), "lbfgs") == 0;
+    if (lbfgs) {
+        if (cc.kind != CLS_LINEAR)
+            DIE_HINT("set finetune.head = linear, or finetune.solver = minibatch",
+                     "finetune.solver = lbfgs trains the linear head's readout; this head is %s",
+                     config_str(cfg, "finetune.head"));
+        // The slot projection stays the expression readout (slot_init).
+        for (size_t i = 0; i < table.n; i++)
+            if (strncmp(table.e[i].name, "cls.slot.", 9) == 0) table.e[i].trainable = 0;
+    }
     trainer_build_model(&t, &mc, &table, b * per_cell, b, per_cell);
     int resumed = args.resume ? trainer_resume(&t, args.resume, NULL) : 0;
     if (!resumed) {
@@ -629,14 +771,26 @@ int cmd_finetune(int argc, char **argv) {
     x.logits = floats_alloc(b * K);
     x.dlogits = floats_alloc(b * K);
     x.dhidden = floats_alloc(b * per_cell * mc.dim);
-    cache_build(&cache, &x, &train, &val, ntok_of, man->n_cells, max_nnz,
-                (double)config_int(cfg, "finetune.cache_mib") * 1048576.0);
+    const char *no_cache = cache_build(&cache, &x, &train, &val, ntok_of, man->n_cells, max_nnz,
+                                       (double)config_int(cfg, "finetune.cache_mib") * 1048576.0);
+    if (lbfgs && no_cache)
+        DIE_HINT("freeze the encoder without dropout (see finetune.cache_mib), or set finetune.solver = minibatch",
+                 "finetune.solver = lbfgs needs the frozen encoder's cached hidden states, but none are kept: %s",
+                 no_cache);
     free(ntok_of);
     if (!resumed && cc.kind == CLS_LINEAR) {
         const ParamEntry *sw = param_table_find(&t.model.table, "cls.slot.weight");
         const ParamEntry *sb = param_table_find(&t.model.table, "cls.slot.bias");
         slot_init(&x, &train, t.model.params + sw->offset, t.model.params + sb->offset);
     }
+    Readout ro = {0};
+    const ParamEntry *fcw = param_table_find(&t.model.table, "cls.fc.weight");
+    const ParamEntry *fcb = param_table_find(&t.model.table, "cls.fc.bias");
+    const size_t nv = lbfgs ? fcw->size + fcb->size : 0;
+    double *v = lbfgs ? xmalloc(nv * sizeof *v) : NULL, *vg = lbfgs ? xmalloc(nv * sizeof *vg) : NULL;
+    // Converged as scikit-learn's LogisticRegression (tol 1e-4 on the largest gradient entry).
+    LbfgsConfig lcfg = {10, (int)config_int(cfg, "finetune.lbfgs_iters"), 1e-4, 1e-9};
+    if (lbfgs) readout_build(&ro, &x, &train, cw, config_float(cfg, "optim.weight_decay"));
     // The best model so far: parameters and the random features they were
     // trained with (features are redrawn during training).
     const size_t P = t.model.table.total;
@@ -696,7 +850,46 @@ int cmd_finetune(int argc, char **argv) {
         rng_shuffle_u32(&r, pidx, train.n);
         for (size_t i = 0; i < train.n; i++) perm[i] = train.id[pidx[i]];
         double ep_loss = 0, ep_n = 0, ep_hit = 0, t_epoch = time_now();
-        while (t.cursor[1] < steps_per_epoch) {
+        int converged = 0;
+        if (lbfgs) {
+            // One round from a fresh history; the parameters change only when
+            // it completes, so a stop inside it checkpoints the round's start.
+            for (size_t i = 0; i < fcw->size; i++) v[i] = t.model.params[fcw->offset + i];
+            for (size_t i = 0; i < fcb->size; i++) v[fcw->size + i] = t.model.params[fcb->offset + i];
+            ReadoutStop rs = {&t, &last_ckpt, start};
+            LbfgsResult res;
+            lbfgs_minimize(v, nv, readout_objective, &ro, readout_stop, &rs, &lcfg, &res);
+            if (res.status == LBFGS_STOPPED) {
+                t.cursor[2] = (int64_t)llround(best_f1 * 1e6);
+                t.cursor[3] = bad_epochs;
+                trainer_checkpoint(&t, NULL, 0);
+                log_info("epoch %lld (L-BFGS) restarts from its beginning on resume", (long long)epoch);
+                stop = 1;
+                break;
+            }
+            for (size_t i = 0; i < fcw->size; i++) t.model.params[fcw->offset + i] = (float)v[i];
+            for (size_t i = 0; i < fcb->size; i++) t.model.params[fcb->offset + i] = (float)v[fcw->size + i];
+            // The objective at the parameters as stored (float).
+            for (size_t i = 0; i < nv; i++)
+                v[i] = i < fcw->size ? t.model.params[fcw->offset + i] : t.model.params[fcb->offset + i - fcw->size];
+            double fx = readout_objective(v, vg, &ro);
+            t.step += res.iterations;
+            t.cells_seen += (int64_t)train.n * res.evaluations;
+            converged = res.status == LBFGS_CONVERGED || res.status == LBFGS_NO_PROGRESS;
+            log_info("epoch %lld: L-BFGS %d iterations, %d evaluations: objective %.8g = cross-entropy %.8g + "
+                     "L2 %.8g, max |gradient| %.2e (%s)",
+                     (long long)epoch, res.iterations, res.evaluations, fx, ro.ce, fx - ro.ce, res.gmax,
+                     lbfgs_status_name(res.status));
+            // The training loss and accuracy as validation measures them (the
+            // head's own forward pass, unweighted).
+            Confusion tc;
+            confusion_init(&tc, K, man->labels);
+            ep_loss = evaluate(&x, &train, &tc);
+            ep_n = 1;
+            ep_hit = confusion_accuracy(&tc) * (double)G;
+            confusion_free(&tc);
+        }
+        while (!lbfgs && t.cursor[1] < steps_per_epoch) {
             const int64_t s = t.cursor[1];
             trainer_maybe_redraw(&t);
             model_zero_grad(&t.model);
@@ -800,6 +993,9 @@ int cmd_finetune(int argc, char **argv) {
         if (patience > 0 && bad_epochs >= patience) {
             log_info("early stop: no better validation macro-F1 for %lld epochs", (long long)bad_epochs);
             early = 1;
+        } else if (converged) {
+            log_info("L-BFGS converged: training ends");
+            early = 1;
         }
     }
 
@@ -846,6 +1042,8 @@ int cmd_finetune(int argc, char **argv) {
     free(x.logits), free(x.dlogits), free(x.dhidden), free(best), free(best_proj), free(best_dir), free(perm), free(pidx);
     free(train.id), free(val.id), free(test.id), free(cw), free(per_class), free(label_of);
     cache_free(&cache);
+    readout_free(&ro);
+    free(v), free(vg);
     shard_reader_close(reader);
     t.labels = NULL; // borrowed from the manifest
     trainer_free(&t);

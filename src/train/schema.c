@@ -93,6 +93,8 @@ const ConfigKey TRAIN_SCHEMA[] = {
     {"finetune.test_fraction", CFG_FLOAT, "0", 0, 0.9, NULL, "finetune: stratified test share held out entirely"},
     {"finetune.split_seed", CFG_INT, "2021", 0, 4294967295.0, NULL, "finetune: key of the stratified splits"},
     {"finetune.split_file", CFG_STRING, "", NOR, NULL, "finetune: TSV of cell name and train|val|test (overrides the fractions)"},
+    {"finetune.solver", CFG_CHOICE, "minibatch", NOR, "minibatch|lbfgs", "finetune: minibatch ([optim], [schedule], [batch]) or lbfgs: the linear head's readout by full-batch L-BFGS on the cached frozen encoder, slot projection fixed at its expression readout, L2 penalty optim.weight_decay/2 |W|^2 (a logistic regression on the slots)"},
+    {"finetune.lbfgs_iters", CFG_INT, "100", 1, 1e6, NULL, "finetune: L-BFGS iterations per epoch (each epoch starts a fresh history)"},
     {"finetune.cache_mib", CFG_INT, "4096", 0, 1e7, NULL, "finetune: with a frozen encoder (freeze = all, no dropout, no feature redraws, fixed tokens), its hidden states of the training and validation cells are kept in memory up to this size per rank, so that epochs train the head alone (0: never)"},
 };
 // clang-format on

@@ -9,7 +9,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from badinput_common import (PERFCELL, TINY, expect_refusal, fix, main, pretrain_cmd, scratch)
+from badinput_common import (finetune_cmd, PERFCELL, TINY, expect_refusal, fix, main, pretrain_cmd, scratch)
 
 
 def config_with(name, old, new):
@@ -66,9 +66,26 @@ def missing_config_finetune():
                    [cfg], [r"cannot read|does not exist|no such file"], absent=[run])
 
 
+def lbfgs_trainable_encoder():
+    """finetune.solver = lbfgs needs the frozen encoder's cached hidden states."""
+    run = scratch("run")
+    expect_refusal(finetune_cmd("--init", fix("pre", "checkpoints", "ckpt-00000002.h5"), "data.shards=" + fix("shards"),
+                                "run.dir=" + run, "finetune.solver=lbfgs", "finetune.head=linear",
+                                "finetune.freeze=scbert", "batch.global_batch=12"),
+                   ["finetune.solver"], [r"cached hidden states", r"finetune\.freeze"], no_checkpoints=[run])
+
+
+def lbfgs_pooled_head():
+    run = scratch("run")
+    expect_refusal(finetune_cmd("--init", fix("pre", "checkpoints", "ckpt-00000002.h5"), "data.shards=" + fix("shards"),
+                                "run.dir=" + run, "finetune.solver=lbfgs", "finetune.head=pooled",
+                                "finetune.freeze=all", "batch.global_batch=12"),
+                   ["finetune.solver"], [r"linear head", r"pooled"], no_checkpoints=[run])
+
+
 CASES = {f.__name__: f for f in [
     unknown_key_file, unknown_key_override, unknown_section_key, bad_value_type, missing_config,
-    missing_config_finetune]}
+    missing_config_finetune, lbfgs_trainable_encoder, lbfgs_pooled_head]}
 
 if __name__ == "__main__":
     main(CASES, sys.argv)

@@ -19,9 +19,15 @@
                                once equals computing them every epoch (1e-5), 2 ranks equal
                                1 rank, and SIGUSR1 then --resume is bitwise the
                                uninterrupted run
+    pretrain_mpi.py finetune_lbfgs
+                               the readout trained by L-BFGS: encoder and slot projection
+                               unchanged, 2 ranks equal 1 rank (objective 1e-3), the logged objective
+                               equals the head's training loss plus lambda/2 |W|^2, and
+                               SIGUSR1 then --resume is bitwise the uninterrupted run
 
 Environment (from tests/run.sh): BIN, DATA, TEST_TMP, MPIRUN. Exit code 0 = pass.
 """
+import json
 import os
 import random
 import signal
@@ -439,19 +445,28 @@ def test_fulldisk():
               "resumed after the full disk: bitwise equal to uninterrupted")
 
 
-def test_finetune():
+def finetune_setup():
+    """A 2-step pretraining and a split file of 340 labelled cells (240 train,
+    60 validation, 40 test); None when the pretraining fails."""
     pre = os.path.join(TMP, "ft-pre")
     r = pretrain(1, pre, ["run.max_steps=2", "data.max_tokens=0", "run.val_every=0"])
     check(r.returncode == 0, f"pretraining for the fine-tuning tests: exit 0 ({r.stderr.strip()[-300:]})")
     if r.returncode != 0:
-        return
-    # 300 labelled cells: 240 train, 60 validation, 40 test (a split file).
+        return None
     with h5py.File(os.path.join(DATA, "pbmc3k", "pbmc3k_counts.h5ad"), "r") as f:
         names = [x.decode() for x in f["obs"]["barcode"][:340]]
     split = os.path.join(TMP, "split.tsv")
     with open(split, "w", encoding="utf-8") as f:
         for i, n in enumerate(names):
             f.write(f"{n}\t{'train' if i < 240 else 'val' if i < 300 else 'test'}\n")
+    return pre, split
+
+
+def test_finetune():
+    setup = finetune_setup()
+    if setup is None:
+        return
+    pre, split = setup
     epochs, per_epoch = 3, 10
     extra = ["--init", final_ckpt(pre, 2), f"finetune.split_file={split}", "finetune.freeze=all",
              "finetune.head=linear", f"finetune.epochs={epochs}", "finetune.patience=0", "data.max_tokens=0",
@@ -515,10 +530,101 @@ def test_finetune():
               "fine-tuning stopped and resumed on the same ranks: bitwise equal to uninterrupted")
 
 
+def latest_ckpt(run_dir):
+    d = os.path.join(run_dir, "checkpoints")
+    names = sorted(n for n in os.listdir(d) if n.startswith("ckpt-") and n.endswith(".h5"))
+    return os.path.join(d, names[-1])
+
+
+def test_finetune_lbfgs():
+    setup = finetune_setup()
+    if setup is None:
+        return
+    pre, split = setup
+    lam = 1e-2
+    extra = ["--init", final_ckpt(pre, 2), f"finetune.split_file={split}", "finetune.freeze=all",
+             "finetune.head=linear", "finetune.solver=lbfgs", "finetune.lbfgs_iters=40", "finetune.epochs=3",
+             "finetune.patience=0", "finetune.class_weights=false", f"optim.weight_decay={lam}",
+             "data.max_tokens=0", "model.feature_redraw_interval=0", "batch.micro_batch=4",
+             "batch.global_batch=24", "checkpoint.every_steps=0"]
+
+    def cmd(np_, run_dir, more=()):
+        return MPIRUN + ["-np", str(np_), PERFCELL, "finetune"] + TINY + [
+            f"data.shards={shards()}", f"run.dir={run_dir}"] + extra + list(more)
+
+    runs, logs = {}, {}
+    for np_ in (1, 2):
+        d = os.path.join(TMP, f"lbfgs{np_}")
+        r = run(cmd(np_, d))
+        check(r.returncode == 0 and "L-BFGS" in r.stdout,
+              f"fine-tuning by L-BFGS on {np_} rank(s): exit 0 ({r.stderr.strip()[-300:]})")
+        if r.returncode != 0:
+            return
+        runs[np_], logs[np_] = params(latest_ckpt(d)), r.stdout
+    pre_p = params(final_ckpt(pre, 2))
+    check(all(np.array_equal(v, pre_p[k]) for k, v in runs[1].items() if k in pre_p),
+          "L-BFGS: the frozen encoder's tensors are the pretrained ones, bitwise")
+    d1 = os.path.join(TMP, "lbfgs1", "checkpoints")
+    first = params(os.path.join(d1, sorted(n for n in os.listdir(d1) if n.startswith("ckpt-"))[0]))
+    slot = ("cls.slot.weight", "cls.slot.bias")
+    check(first is not runs[1] and all(np.array_equal(first[k], runs[1][k]) for k in slot),
+          "L-BFGS: the slot projection does not move between epochs")
+    # On 2 ranks the cache encodes other micro-batches (hidden states equal to
+    # float rounding), so the readout start and every step differ by rounding.
+    e = rel_l2({k: runs[2][k] for k in slot}, {k: runs[1][k] for k in slot})
+    check(e < 1e-5, f"L-BFGS: slot projection (expression readout), 2 ranks vs 1: relative L2 {e:.2e} < 1e-5")
+
+    def objective(log):
+        return float([ln for ln in log.splitlines() if ": L-BFGS " in ln][-1].split("objective ")[1].split()[0])
+
+    # Both stop at the solver's tolerance (max |gradient| 1e-4), not at the
+    # exact minimum: the objectives agree to about that.
+    f1, f2 = objective(logs[1]), objective(logs[2])
+    check(abs(f2 - f1) <= 1e-3 * f1, f"L-BFGS objective, 2 ranks vs 1: {f2:.8g} vs {f1:.8g} (within 1e-3)")
+    fc = ("cls.fc.weight", "cls.fc.bias")
+    e = rel_l2({k: runs[2][k] for k in fc}, {k: runs[1][k] for k in fc})
+    check(e < 1e-2, f"L-BFGS readout, 2 ranks vs 1: relative L2 {e:.2e} < 1e-2")
+    # The objective's parts, as logged, against the stored readout and the
+    # head's own forward pass (metrics.jsonl's training loss, unweighted).
+    last = [ln for ln in logs[1].splitlines() if ": L-BFGS " in ln][-1]
+    ce = float(last.split("cross-entropy ")[1].split()[0])
+    l2 = float(last.split(" + L2 ")[1].split(",")[0])
+    want_l2 = 0.5 * lam * float((runs[1]["cls.fc.weight"] ** 2).sum())
+    check(abs(l2 - want_l2) <= 1e-5 * want_l2, f"L-BFGS: L2 term {l2:.8g} = lambda/2 |W|^2 {want_l2:.8g}")
+    with open(os.path.join(TMP, "lbfgs1", "metrics.jsonl"), encoding="utf-8") as f:
+        epochs = [json.loads(ln) for ln in f if '"val_macro_f1"' in ln]
+    head_loss = epochs[-1]["loss"]
+    check(abs(ce - head_loss) <= 1e-4 * head_loss + 2e-6,
+          f"L-BFGS: its cross-entropy {ce:.8g} = the head's training loss {head_loss:.6f}")
+
+    # SIGUSR1 after the first epoch: the next round stops, its start is
+    # checkpointed, and --resume repeats it: bitwise the uninterrupted run.
+    d = os.path.join(TMP, "lbfgs-stopped")
+    p = subprocess.Popen(cmd(2, d), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sent, stopped, out = False, False, []
+    for line in p.stdout:
+        out.append(line)
+        if not sent and line.startswith("epoch 0: L-BFGS"):
+            p.send_signal(signal.SIGUSR1)
+            sent = True
+        stopped = stopped or "restarts from its beginning on resume" in line
+    rc = p.wait(timeout=300)
+    check(rc == 0 and stopped, f"L-BFGS, SIGUSR1 to mpirun: the round's start checkpointed, exit 0 (rc {rc})")
+    if not stopped:
+        print("".join(out)[-2000:])
+        return
+    r = run(cmd(2, d, ["--resume", "auto"]))
+    check(r.returncode == 0, f"L-BFGS fine-tuning resumed ({r.stderr.strip()[-300:]})")
+    if r.returncode == 0:
+        check(bitwise(params(latest_ckpt(d)), runs[2]),
+              "L-BFGS fine-tuning stopped and resumed: bitwise equal to uninterrupted")
+
+
 def main():
     os.makedirs(TMP, exist_ok=True)
     tests = {"ranks": test_ranks, "resume": test_resume, "kill": test_kill, "metrics": test_metrics,
-             "contrastive": test_contrastive, "nan": test_nan, "fulldisk": test_fulldisk, "finetune": test_finetune}
+             "contrastive": test_contrastive, "nan": test_nan, "fulldisk": test_fulldisk, "finetune": test_finetune,
+             "finetune_lbfgs": test_finetune_lbfgs}
     if len(sys.argv) != 2 or sys.argv[1] not in tests:
         sys.exit(f"usage: {sys.argv[0]} {'|'.join(tests)}")
     tests[sys.argv[1]]()
