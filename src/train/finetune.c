@@ -160,6 +160,14 @@ typedef struct {
     const int32_t *label_of; // (cells of the folder) label code or -1
 } Ctx;
 
+// Rank r's contiguous share [lo, hi) of n items split over `size` ranks
+// (ceil(n / size) each, the last ones shorter or empty).
+static void rank_share(size_t n, int r, int size, size_t *lo, size_t *hi) {
+    const size_t per = (n + (size_t)size - 1) / (size_t)size;
+    *lo = per * (size_t)r < n ? per * (size_t)r : n;
+    *hi = *lo + per < n ? *lo + per : n;
+}
+
 static void cache_free(Cache *k) {
     free(k->slot), free(k->off), free(k->gene), free(k->token), free(k->hidden);
     memset(k, 0, sizeof *k);
@@ -271,17 +279,18 @@ static const char *cache_build(Cache *k, Ctx *x, const IdList *a, const IdList *
     k->gene = xmalloc(((size_t)k->off[n] + 1) * sizeof *k->gene);
     k->token = xmalloc(((size_t)k->off[n] + 1) * sizeof *k->token);
     k->hidden = floats_alloc((size_t)k->off[n] * C + 1);
-    const size_t per = (n + (size_t)t->size - 1) / (size_t)t->size;
     int *cnt_h = xmalloc((size_t)t->size * sizeof(int)), *dsp_h = xmalloc((size_t)t->size * sizeof(int));
     int *cnt_g = xmalloc((size_t)t->size * sizeof(int)), *dsp_g = xmalloc((size_t)t->size * sizeof(int));
     for (int r = 0; r < t->size; r++) {
-        size_t lo = per * (size_t)r < n ? per * (size_t)r : n, hi = lo + per < n ? lo + per : n;
+        size_t lo, hi;
+        rank_share(n, r, t->size, &lo, &hi);
         cnt_g[r] = (int)(k->off[hi] - k->off[lo]);
         dsp_g[r] = (int)k->off[lo];
         cnt_h[r] = cnt_g[r] * (int)C;
         dsp_h[r] = dsp_g[r] * (int)C;
     }
-    size_t lo = per * (size_t)t->rank < n ? per * (size_t)t->rank : n, hi = lo + per < n ? lo + per : n;
+    size_t lo, hi;
+    rank_share(n, t->rank, t->size, &lo, &hi);
     int ok = 1;
     for (size_t i = lo; i < hi && ok; i += x->b) {
         size_t nb = hi - i < x->b ? hi - i : x->b;
@@ -337,15 +346,13 @@ typedef struct {
     size_t K, T;         // classes, slots per cell (genes + 1)
     double *gl, *z;      // local gradient (K T + K), logits of one cell (K)
     double ce;           // weighted cross-entropy of the last evaluation
-    int64_t hit;         // its arg-max hits over all ranks
 } Readout;
 
 static void readout_build(Readout *r, Ctx *x, const IdList *train, const double *cw, double lambda) {
     Trainer *t = x->t;
     memset(r, 0, sizeof *r);
-    const size_t per = (train->n + (size_t)t->size - 1) / (size_t)t->size;
-    size_t lo = per * (size_t)t->rank < train->n ? per * (size_t)t->rank : train->n;
-    size_t hi = lo + per < train->n ? lo + per : train->n;
+    size_t lo, hi;
+    rank_share(train->n, t->rank, t->size, &lo, &hi);
     r->n = hi - lo;
     r->K = x->K;
     r->T = x->cls->T_cell;
@@ -390,43 +397,51 @@ static double readout_objective(const double *v, double *g, void *ctx) {
     const size_t K = r->K, T = r->T, nv = K * T + K;
     const double *W = v, *bias = v + K * T;
     memset(r->gl, 0, nv * sizeof *r->gl);
-    double loss[2] = {0, 0}; // cross-entropy, hits
+    double loss = 0;
     for (size_t i = 0; i < r->n; i++) {
         int y = r->label[i];
         if (y < 0) continue;
         const int64_t p0 = r->off[i], p1 = r->off[i + 1];
         double zmax = -INFINITY;
-        size_t am = 0;
         for (size_t k = 0; k < K; k++) {
             double z = bias[k];
             const double *wk = W + k * T;
             for (int64_t p = p0; p < p1; p++) z += wk[r->slot[p]] * (double)r->value[p];
             r->z[k] = z;
-            if (z > zmax) zmax = z, am = k;
+            if (z > zmax) zmax = z;
         }
+        const double zy = r->z[y] - zmax;
         double sum = 0;
-        for (size_t k = 0; k < K; k++) sum += exp(r->z[k] - zmax);
+        for (size_t k = 0; k < K; k++) sum += (r->z[k] = exp(r->z[k] - zmax)); // unnormalised softmax
         double w = (r->cw ? r->cw[y] : 1.0) / r->wsum;
-        loss[0] += w * (zmax + log(sum) - r->z[y]);
-        loss[1] += am == (size_t)y;
+        loss += w * (log(sum) - zy);
         for (size_t k = 0; k < K; k++) {
-            double dz = w * (exp(r->z[k] - zmax) / sum - (k == (size_t)y ? 1.0 : 0.0));
+            double dz = w * (r->z[k] / sum - (k == (size_t)y ? 1.0 : 0.0));
             double *gk = r->gl + k * T;
             for (int64_t p = p0; p < p1; p++) gk[r->slot[p]] += dz * (double)r->value[p];
             r->gl[K * T + k] += dz;
         }
     }
     CHECK_MPI(MPI_Allreduce(r->gl, g, (int)nv, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
-    double all[2];
-    CHECK_MPI(MPI_Allreduce(loss, all, 2, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
-    r->ce = all[0];
-    r->hit = (int64_t)all[1];
+    CHECK_MPI(MPI_Allreduce(&loss, &r->ce, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
     double pen = 0;
     for (size_t i = 0; i < K * T; i++) {
         pen += W[i] * W[i];
         g[i] += r->lambda * W[i];
     }
-    return all[0] + 0.5 * r->lambda * pen;
+    return r->ce + 0.5 * r->lambda * pen;
+}
+
+// v = the readout as stored (cls.fc.weight, then cls.fc.bias).
+static void readout_get(const Model *m, const ParamEntry *w, const ParamEntry *b, double *v) {
+    for (size_t i = 0; i < w->size; i++) v[i] = m->params[w->offset + i];
+    for (size_t i = 0; i < b->size; i++) v[w->size + i] = m->params[b->offset + i];
+}
+
+// Store v (rounded to float), and round v to what is stored.
+static void readout_set(Model *m, const ParamEntry *w, const ParamEntry *b, double *v) {
+    for (size_t i = 0; i < w->size; i++) v[i] = m->params[w->offset + i] = (float)v[i];
+    for (size_t i = 0; i < b->size; i++) v[w->size + i] = m->params[b->offset + i] = (float)v[w->size + i];
 }
 
 typedef struct {
@@ -438,6 +453,14 @@ typedef struct {
 static int readout_stop(void *ctx) {
     ReadoutStop *s = ctx;
     return trainer_step_flags(s->t, s->last_ckpt, s->start).stop;
+}
+
+// A checkpoint inside an epoch: the cursor (epoch, step in epoch) as it
+// stands, with the best macro-F1 (x 1e6) and the epochs without improvement.
+static void checkpoint_progress(Trainer *t, double best_f1, int64_t bad_epochs) {
+    t->cursor[2] = (int64_t)llround(best_f1 * 1e6);
+    t->cursor[3] = bad_epochs;
+    trainer_checkpoint(t, NULL, 0);
 }
 
 #define SLOT_INIT_CELLS 256
@@ -526,9 +549,8 @@ static void slot_init(Ctx *x, const IdList *train, float *w, float *bias) {
 // ranks, complete on every rank) and mean loss. Collective.
 static double evaluate(Ctx *x, const IdList *ids, Confusion *conf) {
     Trainer *t = x->t;
-    size_t per = (ids->n + (size_t)t->size - 1) / (size_t)t->size;
-    size_t lo = per * (size_t)t->rank, hi = lo + per < ids->n ? lo + per : ids->n;
-    if (lo > ids->n) lo = ids->n;
+    size_t lo, hi;
+    rank_share(ids->n, t->rank, t->size, &lo, &hi);
     double loss = 0.0;
     int ok = 1;
     for (size_t i = lo; i < hi && ok; i += x->b) {
@@ -845,34 +867,30 @@ int cmd_finetune(int argc, char **argv) {
     int stop = 0, early = 0;
     while (!stop && !early && t.cursor[0] < epochs) {
         const int64_t epoch = t.cursor[0];
-        for (size_t i = 0; i < train.n; i++) pidx[i] = (uint32_t)i;
-        Rng r = rng_init(t.seed, RNG_FINETUNE, 1, (uint64_t)epoch, 0);
-        rng_shuffle_u32(&r, pidx, train.n);
-        for (size_t i = 0; i < train.n; i++) perm[i] = train.id[pidx[i]];
+        if (!lbfgs) {
+            for (size_t i = 0; i < train.n; i++) pidx[i] = (uint32_t)i;
+            Rng r = rng_init(t.seed, RNG_FINETUNE, 1, (uint64_t)epoch, 0);
+            rng_shuffle_u32(&r, pidx, train.n);
+            for (size_t i = 0; i < train.n; i++) perm[i] = train.id[pidx[i]];
+        }
         double ep_loss = 0, ep_n = 0, ep_hit = 0, t_epoch = time_now();
+        double tr_loss = 0, tr_acc = 0; // of the epoch
         int converged = 0;
         if (lbfgs) {
             // One round from a fresh history; the parameters change only when
             // it completes, so a stop inside it checkpoints the round's start.
-            for (size_t i = 0; i < fcw->size; i++) v[i] = t.model.params[fcw->offset + i];
-            for (size_t i = 0; i < fcb->size; i++) v[fcw->size + i] = t.model.params[fcb->offset + i];
+            readout_get(&t.model, fcw, fcb, v);
             ReadoutStop rs = {&t, &last_ckpt, start};
             LbfgsResult res;
             lbfgs_minimize(v, nv, readout_objective, &ro, readout_stop, &rs, &lcfg, &res);
             if (res.status == LBFGS_STOPPED) {
-                t.cursor[2] = (int64_t)llround(best_f1 * 1e6);
-                t.cursor[3] = bad_epochs;
-                trainer_checkpoint(&t, NULL, 0);
+                checkpoint_progress(&t, best_f1, bad_epochs);
                 log_info("epoch %lld (L-BFGS) restarts from its beginning on resume", (long long)epoch);
                 stop = 1;
                 break;
             }
-            for (size_t i = 0; i < fcw->size; i++) t.model.params[fcw->offset + i] = (float)v[i];
-            for (size_t i = 0; i < fcb->size; i++) t.model.params[fcb->offset + i] = (float)v[fcw->size + i];
-            // The objective at the parameters as stored (float).
-            for (size_t i = 0; i < nv; i++)
-                v[i] = i < fcw->size ? t.model.params[fcw->offset + i] : t.model.params[fcb->offset + i - fcw->size];
-            double fx = readout_objective(v, vg, &ro);
+            readout_set(&t.model, fcw, fcb, v);
+            double fx = readout_objective(v, vg, &ro); // at the parameters as stored
             t.step += res.iterations;
             t.cells_seen += (int64_t)train.n * res.evaluations;
             converged = res.status == LBFGS_CONVERGED || res.status == LBFGS_NO_PROGRESS;
@@ -884,9 +902,8 @@ int cmd_finetune(int argc, char **argv) {
             // head's own forward pass, unweighted).
             Confusion tc;
             confusion_init(&tc, K, man->labels);
-            ep_loss = evaluate(&x, &train, &tc);
-            ep_n = 1;
-            ep_hit = confusion_accuracy(&tc) * (double)G;
+            tr_loss = evaluate(&x, &train, &tc);
+            tr_acc = confusion_accuracy(&tc);
             confusion_free(&tc);
         }
         while (!lbfgs && t.cursor[1] < steps_per_epoch) {
@@ -943,17 +960,18 @@ int cmd_finetune(int argc, char **argv) {
             t.cells_seen += (int64_t)G;
             t.cursor[1]++;
             StepFlags f = trainer_step_flags(&t, &last_ckpt, start);
-            if ((ckpt_every > 0 && t.step % ckpt_every == 0) || f.checkpoint || f.stop) {
-                t.cursor[2] = (int64_t)llround(best_f1 * 1e6);
-                t.cursor[3] = bad_epochs;
-                trainer_checkpoint(&t, NULL, 0);
-            }
+            if ((ckpt_every > 0 && t.step % ckpt_every == 0) || f.checkpoint || f.stop)
+                checkpoint_progress(&t, best_f1, bad_epochs);
             if (f.stop) {
                 stop = 1;
                 break;
             }
         }
         if (stop) break;
+        if (!lbfgs) {
+            tr_loss = ep_loss / ep_n;
+            tr_acc = ep_hit / ((double)G * ep_n);
+        }
         t.train_seconds += time_now() - t_epoch;
         // End of epoch: validation, best model, early stopping.
         Confusion conf;
@@ -971,12 +989,11 @@ int cmd_finetune(int argc, char **argv) {
             bad_epochs++;
         }
         log_info("epoch %lld: train loss %.4f acc %.4f | validation loss %.4f acc %.4f macro-F1 %.4f%s",
-                 (long long)epoch, ep_loss / ep_n, ep_hit / ((double)G * ep_n), vloss, acc, f1,
-                 improved ? " (best)" : "");
+                 (long long)epoch, tr_loss, tr_acc, vloss, acc, f1, improved ? " (best)" : "");
         char js[256];
         snprintf(js, sizeof js,
                  "\"epoch\":%lld,\"loss\":%.6f,\"acc\":%.6f,\"val_loss\":%.6f,\"val_acc\":%.6f,\"val_macro_f1\":%.6f",
-                 (long long)epoch, ep_loss / ep_n, ep_hit / ((double)G * ep_n), vloss, acc, f1);
+                 (long long)epoch, tr_loss, tr_acc, vloss, acc, f1);
         trainer_metrics_write(&t, js);
         t.cursor[0]++;
         t.cursor[1] = 0;

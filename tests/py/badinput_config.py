@@ -66,21 +66,22 @@ def missing_config_finetune():
                    [cfg], [r"cannot read|does not exist|no such file"], absent=[run])
 
 
-def lbfgs_trainable_encoder():
-    """finetune.solver = lbfgs needs the frozen encoder's cached hidden states."""
+def lbfgs_refusal(head, freeze, words):
+    """finetune.solver = lbfgs with a head and freezing policy it cannot train."""
     run = scratch("run")
     expect_refusal(finetune_cmd("--init", fix("pre", "checkpoints", "ckpt-00000002.h5"), "data.shards=" + fix("shards"),
-                                "run.dir=" + run, "finetune.solver=lbfgs", "finetune.head=linear",
-                                "finetune.freeze=scbert", "batch.global_batch=12"),
-                   ["finetune.solver"], [r"cached hidden states", r"finetune\.freeze"], no_checkpoints=[run])
+                                "run.dir=" + run, "finetune.solver=lbfgs", f"finetune.head={head}",
+                                f"finetune.freeze={freeze}", "batch.global_batch=12"),
+                   ["finetune.solver"], words, no_checkpoints=[run])
+
+
+def lbfgs_trainable_encoder():
+    """L-BFGS needs the frozen encoder's cached hidden states."""
+    lbfgs_refusal("linear", "scbert", [r"cached hidden states", r"finetune\.freeze"])
 
 
 def lbfgs_pooled_head():
-    run = scratch("run")
-    expect_refusal(finetune_cmd("--init", fix("pre", "checkpoints", "ckpt-00000002.h5"), "data.shards=" + fix("shards"),
-                                "run.dir=" + run, "finetune.solver=lbfgs", "finetune.head=pooled",
-                                "finetune.freeze=all", "batch.global_batch=12"),
-                   ["finetune.solver"], [r"linear head", r"pooled"], no_checkpoints=[run])
+    lbfgs_refusal("pooled", "all", [r"linear head", r"pooled"])
 
 
 CASES = {f.__name__: f for f in [
