@@ -32,6 +32,11 @@ for np in 1 2 3; do
     "d=\$(shard_read_folder writer) && $MPIRUN -np $np \$TBIN/test_stream mpi \$d 6 1 64 2"
 done
 
+# The epoch rule with a remainder (G = 30 does not divide the training
+# cells) under 3 ranks.
+run shard_read.stream_G30_b5_np3 180 bash -c \
+  "d=\$(shard_read_folder writer) && $MPIRUN -np 3 \$TBIN/test_stream mpi \$d 30 5 64 2"
+
 # Validation split, cursor across simulated rank counts, epochs and seeds,
 # reader paths (ranges, ids, content CRC).
 run shard_read.unit 180 bash -c 'd=$(shard_read_folder writer) && $TBIN/test_stream unit $d'

@@ -9,6 +9,9 @@
 //   test_stream dump DIR G B BLOCK STEPS [--cursor-in F] [--cursor-out F]
 //                                           under mpirun: print STEPS global
 //                                           batches (rank 0), resume / save a cursor
+//   test_stream epochs COMBOS SEED DIR...   the coverage rule over random seeds,
+//                                           geometries, block sizes and 1, 2, 3
+//                                           simulated ranks (and resumes)
 //   test_stream compare DIR REF             decoded cells equal a reference dump
 //                                           (tests/py/stream_dump_cells.py)
 //   test_stream drain DIR EPOCHS [--prefetch P] [--no-crc] [--expect-hash H]
@@ -82,15 +85,45 @@ static int batch_ok(const CellBatch *b, int64_t n_genes) {
 // (NULL: the start). ids: (steps, G) cell ids, micro-batch j at [j b, (j+1) b);
 // hashes: (steps, k) content hashes. cursor_out (optional) receives the cursor
 // after the last step, checked equal on every simulated rank.
+// Block reads of simulated ranks (the hook runs on their prefetch threads):
+// reads[e n_blocks + block] for epochs below `epochs`.
+typedef struct {
+    pthread_mutex_t mu;
+    uint32_t *reads;
+    size_t n_blocks;
+    int64_t epochs;
+} ReadTally;
+
+static void tally_read(void *ctx, int64_t epoch, size_t stream, uint32_t block, int64_t first,
+                       size_t n) {
+    ReadTally *t = ctx;
+    (void)stream, (void)first, (void)n;
+    if (epoch >= t->epochs || block >= t->n_blocks) return;
+    pthread_mutex_lock(&t->mu);
+    t->reads[(size_t)epoch * t->n_blocks + block]++;
+    pthread_mutex_unlock(&t->mu);
+}
+
+static void run_ranks(const Manifest *m, const StreamConfig *c, int N, const int64_t *cursor_in,
+                      size_t len, int64_t steps, int64_t *ids, uint64_t *hashes,
+                      int64_t *cursor_out, ReadTally *tally);
+
 static void run_global(const Manifest *m, const StreamConfig *c, int N, const int64_t *cursor_in,
                        size_t len, int64_t steps, int64_t *ids, uint64_t *hashes,
                        int64_t *cursor_out) {
+    run_ranks(m, c, N, cursor_in, len, steps, ids, hashes, cursor_out, NULL);
+}
+
+static void run_ranks(const Manifest *m, const StreamConfig *c, int N, const int64_t *cursor_in,
+                      size_t len, int64_t steps, int64_t *ids, uint64_t *hashes,
+                      int64_t *cursor_out, ReadTally *tally) {
     size_t k = c->global_batch / c->micro_batch, b = c->micro_batch;
     Stream **s = xcalloc((size_t)N, sizeof *s);
     for (int r = 0; r < N; r++) {
         s[r] = stream_open(m, c, r, N);
         CHECK(s[r], "stream_open: %s", error_last());
         if (cursor_in) CHECK_OK(stream_cursor_set(s[r], cursor_in, len));
+        if (tally) stream_set_read_hook(s[r], tally_read, tally);
     }
     CellBatch mb;
     cellbatch_init(&mb);
@@ -230,19 +263,32 @@ static void test_cursor(const Manifest *m) {
                     "resumed %d -> %d ranks: batch contents differ", N1, N2);
         }
     }
-    // Bad cursors: wrong length, wrong micro-batch, past the epoch, after start.
+    // Bad cursors: wrong length, another global batch or micro-batch, past the
+    // epoch, after start; a cursor of the former layout is accepted.
     Stream *s = stream_open(m, &c, 0, 1);
+    T_CHECK(len == 5 && cur[2] < 0 && cur[3] == 12 && cur[4] == 2, "cursor layout");
     T_CHECK(stream_cursor_set(s, cur, len - 1) != 0, "short cursor accepted");
-    int64_t saved = cur[2];
-    cur[2] += 1;
-    T_CHECK(stream_cursor_set(s, cur, len) != 0, "inconsistent position accepted");
-    cur[2] = saved;
+    cur[3] = 24;
+    T_CHECK(stream_cursor_set(s, cur, len) != 0 && strstr(error_last(), "global batch 24") &&
+                strstr(error_last(), "global batch 12"),
+            "cursor of another global batch: %s", error_last());
+    cur[3] = 12;
+    cur[4] = 4;
+    T_CHECK(stream_cursor_set(s, cur, len) != 0 && strstr(error_last(), "micro-batch 4"),
+            "cursor of another micro-batch: %s", error_last());
+    cur[4] = 2;
     int64_t st = cur[1];
     cur[1] = S + 5;
-    for (size_t j = 0; j < k; j++) cur[2 + j] = cur[1] * 2;
     T_CHECK(stream_cursor_set(s, cur, len) != 0, "step past the epoch accepted");
     cur[1] = st;
-    for (size_t j = 0; j < k; j++) cur[2 + j] = cur[1] * 2;
+    int64_t former[8] = {cur[0], st};
+    for (size_t j = 0; j < k; j++) former[2 + j] = st * 2;
+    T_CHECK(stream_cursor_set(s, former, 2 + k - 1) != 0, "former cursor of 5 streams accepted");
+    former[3] += 2;
+    T_CHECK(stream_cursor_set(s, former, 2 + k) != 0, "inconsistent former cursor accepted");
+    former[3] -= 2;
+    CHECK_OK(stream_cursor_set(s, former, 2 + k));
+    CHECK_OK(stream_cursor_set(s, cur, len));
     CellBatch mb;
     cellbatch_init(&mb);
     CHECK_OK(stream_next(s, &mb, NULL));
@@ -250,8 +296,8 @@ static void test_cursor(const Manifest *m) {
     // Mid-step, the cursor still names the step in progress.
     int64_t now[8];
     stream_cursor_get(s, now);
-    T_CHECK(now[0] == 0 && now[1] == 0, "cursor mid-step is (%lld, %lld)", (long long)now[0],
-            (long long)now[1]);
+    T_CHECK(now[0] == cur[0] && now[1] == st, "cursor mid-step is (%lld, %lld)",
+            (long long)now[0], (long long)now[1]);
     cellbatch_free(&mb);
     stream_close(s);
     free(ref);
@@ -344,8 +390,14 @@ static void test_config_errors(const Manifest *m) {
             "4 ranks for k = 6: %s", error_last());
     c = config(12, 2, 16, 1.0, 0);
     T_CHECK(stream_open(m, &c, 0, 1) == NULL, "val_fraction 1 accepted");
-    // More streams than blocks with training cells: no complete step.
+    // More streams than blocks: still every step complete.
     c = config(2000, 1, 1000, 0.1, 0);
+    Stream *s = stream_open(m, &c, 0, 1);
+    T_CHECK(s && stream_steps_per_epoch(s) == 1, "2000 streams over 3 blocks: %s",
+            s ? "not one step" : error_last());
+    stream_close(s);
+    // Fewer training cells than the global batch: no complete step.
+    c = config(2400, 1, 1000, 0.1, 0);
     T_CHECK(stream_open(m, &c, 0, 1) == NULL && strstr(error_last(), "no complete step"), "%s",
             error_last());
 }
@@ -610,43 +662,40 @@ static int mode_mpi(const char *dir, size_t G, size_t b, size_t block, int epoch
     int64_t *all = xmalloc(((size_t)total + 1) * sizeof *all);
     CHECK_MPI(
         MPI_Gatherv(mine, nm4, MPI_INT64_T, all, counts, displs, MPI_INT64_T, 0, MPI_COMM_WORLD));
+    int64_t T = 0;
+    for (int64_t id = 0; id < m.n_cells; id++)
+        T += !stream_is_validation(c.split_seed, c.val_fraction, id);
+    const int64_t S = T / (int64_t)G;
+    const size_t n_blocks_max = (size_t)m.n_cells; // an upper bound, for the counts
     for (int e = 0; rank == 0 && e < epochs; e++) {
-        // No block read twice in an epoch (by two ranks, or twice by one for
-        // micro-batches that share it); each rank reads only its streams.
-        uint8_t *read = xcalloc((size_t)m.n_cells, 1);
-        int64_t *last_of_stream = xmalloc(k * sizeof *last_of_stream);
-        for (size_t j = 0; j < k; j++) last_of_stream[j] = -1;
+        // Each rank reads only its streams' blocks; a stream reads a block
+        // once per epoch (blocks larger than the micro-batch), so the reads
+        // are the blocks plus the segment cuts inside blocks (k - 1 at most),
+        // or plus the micro-batch cuts when blocks are no larger.
+        uint32_t *reads = xcalloc(n_blocks_max, sizeof *reads);
+        size_t n_reads = 0, n_blocks = 0;
         for (int r = 0; r < size; r++) {
             for (int i = displs[r]; i < displs[r] + counts[r]; i += 4) {
                 int64_t j = all[i + 1], first = all[i + 3];
                 if (all[i] != e) continue;
                 T_CHECK(j % size == r, "rank %d read a block of stream %lld", r, (long long)j);
-                T_CHECK(!read[first], "epoch %d: block at cell %lld read twice", e,
-                        (long long)first);
-                read[first] = 1;
-                if (j >= 0 && (size_t)j < k) last_of_stream[j] = first;
+                n_blocks += reads[first]++ == 0;
+                n_reads++;
             }
         }
-        // Cells left out are only the epoch tail: every block a stream read,
-        // except its last, was handed out whole.
+        size_t cuts = block > b ? k - 1 : k * (size_t)S - 1;
+        T_CHECK(n_reads <= n_blocks + cuts, "epoch %d: %zu block reads for %zu blocks (at most %zu)",
+                e, n_reads, n_blocks, n_blocks + cuts);
+        // The cells left out are exactly the epoch's window of T mod G.
         const uint8_t *sn = seen + (size_t)e * (size_t)m.n_cells;
-        int64_t left_out = 0;
-        for (int r = 0; r < size; r++) {
-            for (int i = displs[r]; i < displs[r] + counts[r]; i += 4) {
-                int64_t j = all[i + 1], first = all[i + 3];
-                if (all[i] != e || (j >= 0 && (size_t)j < k && first == last_of_stream[j]))
-                    continue;
-                const ShardEntry *se = &m.shards[manifest_shard_of(&m, first)];
-                int64_t end = first + (int64_t)block;
-                if (end > se->first_cell + se->n_cells) end = se->first_cell + se->n_cells;
-                for (int64_t id = first; id < end; id++)
-                    left_out += !sn[id] && !stream_is_validation(c.split_seed, c.val_fraction, id);
-            }
+        int64_t ti = 0, wrong = 0;
+        for (int64_t id = 0; id < m.n_cells; id++) {
+            if (stream_is_validation(c.split_seed, c.val_fraction, id)) continue;
+            wrong += sn[id] == stream_is_left_out(T, (int64_t)G, e, ti++);
         }
-        T_CHECK(left_out == 0, "epoch %d: %lld cells of finished blocks were skipped", e,
-                (long long)left_out);
-        free(read);
-        free(last_of_stream);
+        T_CHECK(wrong == 0, "epoch %d: %lld cells used or left out against the rule", e,
+                (long long)wrong);
+        free(reads);
     }
     if (rank == 0) {
         int differ = 0;
@@ -701,6 +750,164 @@ static int mode_mpi(const char *dir, size_t G, size_t b, size_t block, int epoch
     if (rank == 0)
         printf("%d ranks, G %zu, b %zu, blocks of %zu, %d epochs\n", size, G, b, block, epochs);
     return t_finish("test_stream mpi") || any ? 1 : 0;
+}
+
+// ---------------------------------------------------------------------------
+// epochs: the coverage rule over random geometries
+
+// Checks one epoch of the one-rank reference: every training cell once but a
+// window of T mod G consecutive training cells (cyclic, folder order), which
+// shares no cell with the previous epoch's window. left: (T) 1 = left out.
+static void check_epoch_cover(const int64_t *ids, int64_t S, size_t G, const int64_t *tindex,
+                              int64_t n_cells, int64_t T, uint8_t *left, const uint8_t *prev_left,
+                              int e, const char *what) {
+    memset(left, 1, (size_t)T);
+    int64_t twice = 0, val = 0;
+    for (int64_t i = 0; i < S * (int64_t)G; i++) {
+        int64_t id = ids[i];
+        if (id < 0 || id >= n_cells || tindex[id] < 0) {
+            val++;
+            continue;
+        }
+        twice += !left[tindex[id]];
+        left[tindex[id]] = 0;
+    }
+    int64_t R = T % (int64_t)G, n_left = 0, starts = 0, both = 0;
+    for (int64_t i = 0; i < T; i++) {
+        n_left += left[i];
+        starts += left[i] && !left[(i + T - 1) % T];
+        if (prev_left) both += left[i] && prev_left[i];
+    }
+    T_CHECK(twice == 0 && val == 0, "%s epoch %d: %lld cells twice, %lld not training cells", what,
+            e, (long long)twice, (long long)val);
+    T_CHECK(n_left == R && (R == 0 || R == T || starts == 1),
+            "%s epoch %d: %lld cells left out in %lld runs (the remainder is %lld, one run)", what,
+            e, (long long)n_left, (long long)starts, (long long)R);
+    T_CHECK(both == 0, "%s epoch %d: %lld cells left out of two epochs in a row", what, e,
+            (long long)both);
+}
+
+static int64_t pick(Rng *r, const int64_t *v, size_t n) { return v[rng_below(r, n)]; }
+
+// One random geometry on folder m: the global batches of 1 rank (checked
+// against the rule), equal on 2 and 3 ranks where they divide k, resumed from
+// a cursor on another rank count, and the block reads bounded.
+static void property_combo(const Manifest *m, Rng *r, int combo, size_t *n_runs) {
+    static const int64_t BLOCKS[] = {1, 2, 3, 5, 8, 16, 64, 256, 1000};
+    static const int64_t KS[] = {1, 2, 3, 4, 5, 6, 6, 12, 12, 18, 24};
+    static const double VALS[] = {0, 0, 0.1, 0.35};
+    StreamConfig c = {0};
+    c.seed = rng_u64(r);
+    c.split_seed = rng_below(r, 4);
+    c.val_fraction = VALS[rng_below(r, 4)];
+    c.block_cells = (size_t)pick(r, BLOCKS, sizeof BLOCKS / sizeof *BLOCKS);
+    c.prefetch = rng_below(r, 2) ? 3 : 0;
+    int64_t *tindex = xmalloc((size_t)m->n_cells * sizeof *tindex), T = 0;
+    for (int64_t id = 0; id < m->n_cells; id++)
+        tindex[id] = stream_is_validation(c.split_seed, c.val_fraction, id) ? -1 : T++;
+    // A geometry with at least one step: G <= T.
+    size_t k = 1, b = 1;
+    for (int tries = 0; tries < 50; tries++) {
+        k = (size_t)pick(r, KS, sizeof KS / sizeof *KS);
+        b = 1 + (size_t)rng_below(r, 8);
+        if ((int64_t)(k * b) <= T) break;
+        k = b = 1;
+    }
+    c.micro_batch = b;
+    c.global_batch = k * b;
+    const size_t G = k * b;
+    const int64_t S = T / (int64_t)G, E = 3, steps = E * S;
+    char what[160];
+    snprintf(what, sizeof what, "combo %d (%s, %lld training cells, G %zu, b %zu, block %zu)",
+             combo, m->folder, (long long)T, G, b, c.block_cells);
+    int64_t *ref = xmalloc((size_t)steps * G * sizeof *ref),
+            *got = xmalloc((size_t)steps * G * sizeof *got);
+    uint64_t *href = xmalloc((size_t)steps * k * sizeof *href),
+             *hgot = xmalloc((size_t)steps * k * sizeof *hgot);
+    size_t n_blocks = 0;
+    for (size_t i = 0; i < m->n_shards; i++)
+        n_blocks += ((size_t)m->shards[i].n_cells + c.block_cells - 1) / c.block_cells;
+    ReadTally tally = {.n_blocks = n_blocks, .epochs = E};
+    pthread_mutex_init(&tally.mu, NULL);
+    tally.reads = xcalloc((size_t)E * n_blocks, sizeof *tally.reads);
+
+    Stream *probe = stream_open(m, &c, 0, 1);
+    CHECK(probe, "%s: %s", what, error_last());
+    T_CHECK(stream_steps_per_epoch(probe) == S && stream_train_cells(probe) == T &&
+                stream_epoch_cells(probe) == S * (int64_t)G,
+            "%s: %lld steps, %lld cells per epoch", what, (long long)stream_steps_per_epoch(probe),
+            (long long)stream_epoch_cells(probe));
+    size_t len = stream_cursor_len(probe);
+    stream_close(probe);
+
+    for (int N = 1; N <= 3; N++) {
+        if (k % (size_t)N != 0) continue;
+        memset(tally.reads, 0, (size_t)E * n_blocks * sizeof *tally.reads);
+        run_ranks(m, &c, N, NULL, 0, steps, N == 1 ? ref : got, N == 1 ? href : hgot, NULL,
+                  &tally);
+        (*n_runs)++;
+        if (N > 1)
+            T_CHECK(memcmp(got, ref, (size_t)steps * G * sizeof *got) == 0 &&
+                        memcmp(hgot, href, (size_t)steps * k * sizeof *hgot) == 0,
+                    "%s: %d ranks give other global batches than 1", what, N);
+        // Reads: each block once per stream that takes cells of it, so the
+        // blocks read plus the cuts inside blocks (segment cuts; micro-batch
+        // cuts when blocks are no larger than the micro-batch).
+        const size_t cuts = c.block_cells > b ? k - 1 : k * (size_t)S - 1;
+        for (int64_t e = 0; e < E; e++) {
+            size_t reads = 0, blocks = 0;
+            for (size_t i = 0; i < n_blocks; i++) {
+                reads += tally.reads[(size_t)e * n_blocks + i];
+                blocks += tally.reads[(size_t)e * n_blocks + i] > 0;
+            }
+            T_CHECK(reads <= blocks + cuts, "%s, %d ranks, epoch %lld: %zu reads of %zu blocks",
+                    what, N, (long long)e, reads, blocks);
+        }
+    }
+    uint8_t *left = xmalloc((size_t)T * 2);
+    for (int64_t e = 0; e < E; e++)
+        check_epoch_cover(ref + e * S * (int64_t)G, S, G, tindex, m->n_cells, T,
+                          left + (size_t)T * (size_t)(e % 2),
+                          e ? left + (size_t)T * (size_t)((e + 1) % 2) : NULL, (int)e, what);
+    // Resume: stop after a random step on N1 ranks, continue on N2.
+    int N1 = 1 + (int)rng_below(r, 3), N2 = 1 + (int)rng_below(r, 3);
+    if (k % (size_t)N1 == 0 && k % (size_t)N2 == 0 && steps > 1) {
+        int64_t st = 1 + (int64_t)rng_below(r, (uint64_t)steps - 1);
+        int64_t *cur = xmalloc(len * sizeof *cur);
+        run_ranks(m, &c, N1, NULL, 0, st, got, hgot, cur, NULL);
+        run_ranks(m, &c, N2, cur, len, steps - st, got + st * (int64_t)G, hgot + st * (int64_t)k,
+                  NULL, NULL);
+        *n_runs += 2;
+        T_CHECK(memcmp(got, ref, (size_t)steps * G * sizeof *got) == 0 &&
+                    memcmp(hgot, href, (size_t)steps * k * sizeof *hgot) == 0,
+                "%s: stopped after step %lld on %d ranks, resumed on %d: other batches", what,
+                (long long)st, N1, N2);
+        free(cur);
+    }
+    pthread_mutex_destroy(&tally.mu);
+    free(tally.reads);
+    free(left);
+    free(ref);
+    free(got);
+    free(href);
+    free(hgot);
+    free(tindex);
+}
+
+static int mode_epochs(int combos, uint64_t seed, char **dirs, int n_dirs) {
+    Manifest *ms = xcalloc((size_t)n_dirs, sizeof *ms);
+    for (int i = 0; i < n_dirs; i++) ms[i] = load_manifest(dirs[i]);
+    Rng r = rng_init(seed, RNG_SHUFFLE, 99, 0, 0);
+    size_t runs = 0;
+    for (int i = 0; i < combos; i++) {
+        int before = t_failures;
+        property_combo(&ms[i % n_dirs], &r, i, &runs);
+        if (t_failures > before && t_failures > 20) break;
+    }
+    for (int i = 0; i < n_dirs; i++) manifest_free(&ms[i]);
+    free(ms);
+    printf("%d combinations over %d shard folders, %zu stream runs\n", combos, n_dirs, runs);
+    return t_finish("test_stream epochs");
 }
 
 // ---------------------------------------------------------------------------
@@ -894,6 +1101,8 @@ int main(int argc, char **argv) {
         }
         rc = mode_dump(argv[2], (size_t)atol(argv[3]), (size_t)atol(argv[4]), (size_t)atol(argv[5]),
                        atol(argv[6]), cin, cout);
+    } else if (argc >= 5 && strcmp(argv[1], "epochs") == 0) {
+        rc = mode_epochs(atoi(argv[2]), (uint64_t)strtoull(argv[3], NULL, 10), argv + 4, argc - 4);
     } else if (argc >= 4 && strcmp(argv[1], "compare") == 0) {
         rc = mode_compare(argv[2], argv[3]);
     } else if (argc >= 4 && strcmp(argv[1], "drain") == 0) {
@@ -907,7 +1116,7 @@ int main(int argc, char **argv) {
         rc = mode_drain(argv[2], atoi(argv[3]), prefetch, no_crc, hash);
     } else {
         fprintf(stderr,
-                "usage: test_stream unit|mpi|dump|compare|drain DIR ... (see the file's header)\n");
+                "usage: test_stream unit|mpi|epochs|dump|compare|drain DIR ... (see the file's header)\n");
     }
     mpienv_finalize();
     return rc;

@@ -1,25 +1,35 @@
 // Deterministic streams of cells from a shard folder, for training.
 //
 // A global batch of G cells per optimizer step is k = G / b micro-batches of b
-// cells. k *logical streams* each own whole blocks of consecutive cells (a
-// block never crosses a shard): the blocks of the training split are permuted
-// by a function of (seed, epoch) and dealt round-robin to the k streams; cells
-// are shuffled inside each block, also keyed by (seed, epoch, block). Micro-
-// batch j of every step comes from stream j, and rank r serves the streams
-// j = r, r + N, r + 2N, ... (N ranks; N must divide k), so rank r accumulates
-// k / N micro-batches per step. The global batches are therefore the same for
-// any number of ranks and no block is read by two ranks.
+// cells, and an epoch is S = floor(T / G) steps over the T training cells.
 //
-// Blocks are block_cells consecutive cells of one shard (a shard's last block
-// may be shorter); validation cells are skipped inside the blocks. A rank
-// holds at most one partly used block per stream it serves (k / N of them),
-// read once; with block_cells <= the micro-batch it holds none between
-// micro-batches (a block split over two micro-batches is read twice), so its
-// memory does not grow with the global batch.
+// Each epoch has one order of its cells: the blocks (block_cells consecutive
+// cells of one shard; a shard's last block may be shorter) are permuted by a
+// function of (seed, epoch), and the cells of each block are shuffled, keyed
+// by (seed, epoch, block). Validation cells are skipped inside the blocks.
+// That order is cut into k contiguous segments of S b cells, one per logical
+// stream: micro-batch j of step s is cells [j S b + s b, j S b + (s + 1) b) of
+// the epoch's order. Rank r serves the streams j = r, r + N, r + 2N, ... (N
+// ranks; N must divide k), so it accumulates k / N micro-batches per step. The
+// global batches therefore depend on (seed, G, b, block_cells, the split) and
+// never on the number of ranks.
 //
-// An epoch has as many steps as its shortest stream allows (the few cells
-// left at the end of the longer streams are skipped that epoch; the next
-// epoch's permutation deals them differently).
+// What an epoch covers: every training cell exactly once, except the epoch's
+// remainder of R = T mod G cells (R < G), which is left out. The left-out
+// cells are a window of R consecutive training cells (folder order, cyclic)
+// starting at (epoch R) mod T, so the window moves on by R every epoch: no
+// cell is left out of two consecutive epochs (R < T / 2), and every cell is
+// left out of at most one epoch in floor(T / R). The number of steps per
+// epoch does not depend on the seed, the shard layout or the block size.
+//
+// Reads: a stream reads the blocks of its segment in order and holds at most
+// one partly used block (k / N per rank), so its memory does not grow with the
+// epoch. Per epoch each block is read once by every stream whose segment it
+// overlaps: once, except the at most k - 1 blocks that straddle two segments
+// (read by the two streams, possibly on two ranks; when a segment is shorter
+// than a block, by each stream it overlaps). With block_cells <= the micro-
+// batch a stream holds no block between micro-batches and a block split over
+// two micro-batches is read twice.
 //
 // The validation split is a stable hash of the cell id (RNG_SPLIT keyed by
 // split_seed): the same cells are held out whatever the seed, the batch or the
@@ -29,8 +39,8 @@
 // stream that calls HDF5, holding h5_lock() (h5util.h) around each call, so the
 // main thread may write checkpoints with HDF5 meanwhile under the same lock.
 //
-// The cursor (epoch and the position of each of the k streams) is small and is
-// saved in checkpoints; restoring it continues the exact same sequence of
+// The cursor (epoch, step, and the batch geometry it belongs to) is small and
+// is saved in checkpoints; restoring it continues the exact same sequence of
 // global batches, on the same or on another number of ranks.
 #ifndef PERFCELL_STREAM_H
 #define PERFCELL_STREAM_H
@@ -88,9 +98,17 @@ void stream_close(Stream *s);
 
 // Micro-batches this rank contributes per optimizer step (k / N).
 size_t stream_local_micro_batches(const Stream *s);
-// Steps in the current epoch and the number of training cells.
+// Steps per epoch (S = T / G), training cells T, and the cells an epoch
+// yields (S G = T less the remainder T mod G).
 int64_t stream_steps_per_epoch(const Stream *s);
 int64_t stream_train_cells(const Stream *s);
+int64_t stream_epoch_cells(const Stream *s);
+
+// The remainder rule, for any list of n cells cut into global batches of G
+// (also fine-tuning's): epoch `epoch` leaves out the n mod G items i with
+// (i - start) mod n < n mod G, start = stream_left_out_start(n, G, epoch).
+int64_t stream_left_out_start(int64_t n, int64_t global_batch, int64_t epoch);
+int stream_is_left_out(int64_t n, int64_t global_batch, int64_t epoch, int64_t i);
 
 // The next micro-batch of this rank, in order: for each step, the streams
 // j = rank, rank + N, ... . *stream_index (optional) receives j. Returns 0, or
@@ -106,15 +124,17 @@ int stream_next(Stream *s, CellBatch *out, size_t *stream_index);
 // error_set().
 int stream_replay(Stream *s, size_t i, CellBatch *out);
 
-// Cursor: epoch, step within the epoch and the k stream positions, as int64
-// values (length stream_cursor_len()) to store in a checkpoint. The cursor is
-// the same on every rank. stream_cursor_set() may be called right after
-// stream_open() on any number of ranks with the same G and b.
+// Cursor: {epoch, step within the epoch, a layout tag, G, b} as int64 values
+// (length stream_cursor_len()) to store in a checkpoint. The cursor is the
+// same on every rank. stream_cursor_set() may be called right after
+// stream_open() on any number of ranks with the same G and b; a cursor of
+// another G or b is refused, naming both. A cursor of an earlier perfcell
+// ({epoch, step, k stream positions}) is accepted with a warning: the run
+// continues at its epoch and step in today's order.
 //
 // The cursor counts whole steps: the step in progress (some but not all of
 // this rank's k / N micro-batches returned) is not recorded, so take it at a
-// step boundary. Stream positions are cells consumed in the epoch (every
-// stream consumes b per step); a cursor of another G or b is refused.
+// step boundary.
 size_t stream_cursor_len(const Stream *s);
 void stream_cursor_get(const Stream *s, int64_t *out);
 int stream_cursor_set(Stream *s, const int64_t *cur, size_t len);

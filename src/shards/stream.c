@@ -2,6 +2,7 @@
 #include "perfcell/stream.h"
 
 #include "perfcell/error.h"
+#include "perfcell/log.h"
 #include "perfcell/rng.h"
 #include "perfcell/shard_reader.h"
 
@@ -13,6 +14,10 @@
 #define STREAM_MAX_BLOCK ((size_t)1 << 20)
 #define STREAM_MAX_PREFETCH 4096
 #define NO_BLOCK UINT32_MAX
+// Third value of a cursor of this layout (a former cursor holds a stream
+// position there, never negative).
+#define CURSOR_TAG (-2)
+#define CURSOR_LEN 5
 
 // RNG_SHUFFLE sub-streams.
 enum { SHUFFLE_BLOCKS = 0, SHUFFLE_CELLS = 1 };
@@ -21,17 +26,27 @@ typedef struct {
     int64_t first;  // global id of the block's first cell
     uint32_t n;     // cells
     uint32_t train; // cells not in the validation split
+    int64_t tfirst; // training index of its first training cell (folder order)
 } Block;
+
+// An epoch's order: blocks permuted, and where each block's cells of the
+// epoch (its training cells less the left-out window) start in the epoch.
+typedef struct {
+    int64_t epoch; // -1: not planned
+    int64_t w0;    // first training index of the left-out window
+    uint32_t *perm;  // (n_blocks) block order
+    int64_t *start;  // (n_blocks + 1) epoch position of block perm[p]'s first cell
+} EpochPlan;
 
 // Where the reading side is in one of this rank's streams.
 typedef struct {
     size_t j;        // stream index in [0, k)
-    size_t t;        // current block: perm[j + t k]
-    size_t off;      // training cells of that block already handed out
+    size_t p;        // current block: perm[p]
+    size_t off;      // cells of that block (of the epoch) already handed out
     uint32_t cached; // block held in `cache` (NO_BLOCK: none)
     int64_t cached_epoch;
     CellBatch cache; // the cached block's cells, as read
-    uint32_t *order; // (block_cells) its training cells in shuffled order
+    uint32_t *order; // (block_cells) its cells of the epoch in shuffled order
 } LocalStream;
 
 typedef struct {
@@ -46,22 +61,24 @@ struct Stream {
     size_t n_blocks;
     Block *blocks; // (n_blocks) in folder order
     int64_t train_cells;
-    int64_t *val_ids; // (n_val) ascending
+    int64_t steps;     // steps per epoch: train_cells / G
+    int64_t remainder; // train_cells mod G: the window left out each epoch
+    int64_t segment;   // cells of each stream per epoch: steps * b
+    int64_t *val_ids;  // (n_val) ascending
     size_t n_val;
 
     // Reading side (the prefetch thread, or the caller when prefetch is 0).
     ShardReader *reader;
-    int64_t p_epoch, p_step, p_steps;
+    int64_t p_step;
     size_t p_local;
-    uint32_t *p_perm; // (n_blocks)
-    LocalStream *ls;  // (m)
+    EpochPlan p_plan;
+    LocalStream *ls; // (m)
     StreamReadHook hook;
     void *hook_ctx;
 
     // Consuming side (the caller of stream_next).
-    int64_t c_epoch, c_step, c_steps;
+    int64_t c_epoch, c_step;
     size_t c_local;
-    uint32_t *c_perm; // (n_blocks)
     int started;
 
     // Ring of prefetched micro-batches [head, head + count).
@@ -79,8 +96,8 @@ struct Stream {
 
     // Replay (stream_replay): the step of the last micro-batch returned.
     int r_valid;
-    int64_t r_epoch, r_step, r_perm_epoch;
-    uint32_t *r_perm; // (n_blocks) that epoch's permutation, planned lazily
+    int64_t r_epoch, r_step;
+    EpochPlan r_plan;
     LocalStream r_ls;
 };
 
@@ -90,79 +107,111 @@ int stream_is_validation(uint64_t split_seed, double val_fraction, int64_t cell_
     return rng_uniform_double(&r) < val_fraction;
 }
 
-// ===========================================================================
-// Epoch plans: a pure function of (seed, epoch), computed by both sides
+int64_t stream_left_out_start(int64_t n, int64_t global_batch, int64_t epoch) {
+    if (n <= 0 || global_batch <= 0) return 0;
+    int64_t r = n % global_batch;
+    // (epoch mod n) r < n G: no overflow for any realistic n and G.
+    return (int64_t)(((unsigned __int128)(epoch % n) * (unsigned __int128)r) % (unsigned __int128)n);
+}
 
-// The block permutation of an epoch into perm; returns the epoch's steps (the
-// shortest stream's training cells / b), or 0 with error_set().
-static int64_t plan_epoch(const Stream *s, int64_t epoch, uint32_t *perm) {
-    for (size_t i = 0; i < s->n_blocks; i++) perm[i] = (uint32_t)i;
+int stream_is_left_out(int64_t n, int64_t global_batch, int64_t epoch, int64_t i) {
+    if (n <= 0 || global_batch <= 0) return 0;
+    int64_t r = n % global_batch;
+    if (r == 0) return 0;
+    int64_t w0 = stream_left_out_start(n, global_batch, epoch);
+    return (i - w0 + n) % n < r;
+}
+
+// ===========================================================================
+// Epoch plans: a pure function of (seed, epoch), computed by each side
+
+static void plan_init(EpochPlan *P, size_t n_blocks) {
+    P->epoch = -1;
+    P->w0 = 0;
+    P->perm = xmalloc((n_blocks ? n_blocks : 1) * sizeof *P->perm);
+    P->start = xmalloc((n_blocks + 1) * sizeof *P->start);
+}
+
+static void plan_free(EpochPlan *P) {
+    free(P->perm);
+    free(P->start);
+}
+
+// Training cells of block B in the epoch whose window starts at w0: those not
+// in the cyclic window [w0, w0 + R) of training indices.
+static int64_t block_epoch_cells(const Stream *s, const Block *B, int64_t w0) {
+    int64_t T = s->train_cells, R = s->remainder, a = B->tfirst, e = B->tfirst + B->train;
+    if (R == 0 || B->train == 0) return B->train;
+    int64_t out = 0, lo, hi;
+    // The window as at most two intervals: [w0, min(w0 + R, T)) and [0, w0 + R - T).
+    lo = w0 > a ? w0 : a;
+    hi = (w0 + R < T ? w0 + R : T) < e ? (w0 + R < T ? w0 + R : T) : e;
+    if (hi > lo) out += hi - lo;
+    if (w0 + R > T) {
+        hi = w0 + R - T < e ? w0 + R - T : e;
+        if (hi > a) out += hi - a;
+    }
+    return (int64_t)B->train - out;
+}
+
+static void plan_epoch(const Stream *s, int64_t epoch, EpochPlan *P) {
+    if (P->epoch == epoch) return;
+    for (size_t i = 0; i < s->n_blocks; i++) P->perm[i] = (uint32_t)i;
     Rng r = rng_init(s->cfg.seed, RNG_SHUFFLE, SHUFFLE_BLOCKS, (uint64_t)epoch, 0);
-    rng_shuffle_u32(&r, perm, s->n_blocks);
-    int64_t *cells = xcalloc(s->k, sizeof *cells);
-    for (size_t p = 0; p < s->n_blocks; p++) cells[p % s->k] += s->blocks[perm[p]].train;
-    size_t j = 0;
-    for (size_t i = 1; i < s->k; i++)
-        if (cells[i] < cells[j]) j = i;
-    int64_t steps = cells[j] / (int64_t)s->cfg.micro_batch;
-    if (steps == 0)
-        error_set(
-            "%s: epoch %lld has no complete step: stream %zu of %zu gets %lld training cells, "
-            "fewer than a micro-batch of %zu (%zu blocks of %zu cells); lower the global batch "
-            "or block_cells",
-            shard_reader_manifest(s->reader)->folder, (long long)epoch, j, s->k,
-            (long long)cells[j], s->cfg.micro_batch, s->n_blocks, s->cfg.block_cells);
-    free(cells);
-    return steps;
+    rng_shuffle_u32(&r, P->perm, s->n_blocks);
+    P->w0 = stream_left_out_start(s->train_cells, (int64_t)s->cfg.global_batch, epoch);
+    P->start[0] = 0;
+    for (size_t p = 0; p < s->n_blocks; p++)
+        P->start[p + 1] = P->start[p] + block_epoch_cells(s, &s->blocks[P->perm[p]], P->w0);
+    P->epoch = epoch;
 }
 
 // ===========================================================================
 // Reading side
 
 // Place L (its stream j set) where its stream is at the start of `step` of
-// the epoch whose block permutation is perm: step * b training cells consumed.
-static void position(const Stream *s, const uint32_t *perm, int64_t step, LocalStream *L) {
-    int64_t left = step * (int64_t)s->cfg.micro_batch;
-    L->t = 0;
-    for (size_t p = L->j; p < s->n_blocks && left >= s->blocks[perm[p]].train; p += s->k) {
-        left -= s->blocks[perm[p]].train;
-        L->t++;
+// the planned epoch: at epoch position j segment + step b.
+static void position(const Stream *s, const EpochPlan *P, int64_t step, LocalStream *L) {
+    int64_t pos = (int64_t)L->j * s->segment + step * (int64_t)s->cfg.micro_batch;
+    // The block holding pos: the first p with start[p + 1] > pos.
+    size_t lo = 0, hi = s->n_blocks;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (P->start[mid + 1] > pos)
+            hi = mid;
+        else
+            lo = mid + 1;
     }
-    L->off = (size_t)left;
-}
-
-// Position the reading side at (epoch, step): every stream has consumed
-// step * b training cells of its blocks.
-static int reader_seek(Stream *s, int64_t epoch, int64_t step) {
-    s->p_epoch = epoch;
-    s->p_steps = plan_epoch(s, epoch, s->p_perm);
-    if (s->p_steps == 0) return -1;
-    s->p_step = step;
-    s->p_local = 0;
-    for (size_t l = 0; l < s->m; l++) position(s, s->p_perm, step, &s->ls[l]);
-    return 0;
+    L->p = lo;
+    L->off = lo < s->n_blocks ? (size_t)(pos - P->start[lo]) : 0;
 }
 
 // Read block `blk` of stream L into its cache, with the order in which its
-// training cells are handed out.
-static int load_block(Stream *s, ShardReader *reader, int64_t epoch, LocalStream *L, uint32_t blk) {
+// cells of the epoch (training, not left out) are handed out.
+static int load_block(Stream *s, ShardReader *reader, const EpochPlan *P, LocalStream *L,
+                      uint32_t blk) {
     const Block *B = &s->blocks[blk];
     L->cached = NO_BLOCK;
     cellbatch_clear(&L->cache);
     if (shard_reader_read(reader, B->first, B->first + B->n, &L->cache) != 0) return -1;
-    size_t nt = 0;
-    for (size_t i = 0; i < L->cache.n; i++)
-        if (!stream_is_validation(s->cfg.split_seed, s->cfg.val_fraction, L->cache.cell_id[i]))
-            L->order[nt++] = (uint32_t)i;
+    size_t nt = 0, ne = 0;
+    for (size_t i = 0; i < L->cache.n; i++) {
+        if (stream_is_validation(s->cfg.split_seed, s->cfg.val_fraction, L->cache.cell_id[i]))
+            continue;
+        int64_t ti = B->tfirst + (int64_t)nt++;
+        if (s->remainder && (ti - P->w0 + s->train_cells) % s->train_cells < s->remainder)
+            continue;
+        L->order[ne++] = (uint32_t)i;
+    }
     if (nt != B->train)
         return error_set("%s: block at cell %lld holds %zu training cells, expected %u",
                          shard_reader_manifest(s->reader)->folder, (long long)B->first, nt,
                          B->train);
-    Rng r = rng_init(s->cfg.seed, RNG_SHUFFLE, SHUFFLE_CELLS, (uint64_t)epoch, blk);
-    rng_shuffle_u32(&r, L->order, nt);
+    Rng r = rng_init(s->cfg.seed, RNG_SHUFFLE, SHUFFLE_CELLS, (uint64_t)P->epoch, blk);
+    rng_shuffle_u32(&r, L->order, ne);
     L->cached = blk;
-    L->cached_epoch = epoch;
-    if (s->hook && reader == s->reader) s->hook(s->hook_ctx, epoch, L->j, blk, B->first, B->n);
+    L->cached_epoch = P->epoch;
+    if (s->hook && reader == s->reader) s->hook(s->hook_ctx, P->epoch, L->j, blk, B->first, B->n);
     return 0;
 }
 
@@ -173,34 +222,33 @@ static void drop_block(LocalStream *L) {
     L->cached = NO_BLOCK;
 }
 
-// The next micro-batch of stream L (positioned in `epoch`, whose permutation
-// is perm) into `out`. A block is cached in L only while it still has cells to
-// hand out, so memory holds at most one partly used block per stream; with
-// blocks no larger than the micro-batch not even that: a block split over two
+// The next micro-batch of stream L (positioned in the planned epoch P) into
+// `out`. A block is cached in L only while it still has cells to hand out, so
+// memory holds at most one partly used block per stream; with blocks no
+// larger than the micro-batch not even that: a block split over two
 // micro-batches is read twice, and memory does not grow with the streams.
-static int take(Stream *s, ShardReader *reader, int64_t epoch, const uint32_t *perm, LocalStream *L,
+static int take(Stream *s, ShardReader *reader, const EpochPlan *P, LocalStream *L,
                 CellBatch *out) {
     size_t need = s->cfg.micro_batch;
     cellbatch_clear(out);
     while (need > 0) {
-        size_t p = L->j + L->t * s->k;
-        if (p >= s->n_blocks)
+        if (L->p >= s->n_blocks)
             return error_set("internal: stream %zu ran out of blocks in epoch %lld", L->j,
-                             (long long)epoch);
-        uint32_t blk = perm[p];
-        size_t train = s->blocks[blk].train;
-        if (L->off < train) {
-            if (L->cached != blk || L->cached_epoch != epoch) {
-                if (load_block(s, reader, epoch, L, blk) != 0) return -1;
+                             (long long)P->epoch);
+        uint32_t blk = P->perm[L->p];
+        size_t cells = (size_t)(P->start[L->p + 1] - P->start[L->p]);
+        if (L->off < cells) {
+            if (L->cached != blk || L->cached_epoch != P->epoch) {
+                if (load_block(s, reader, P, L, blk) != 0) return -1;
             }
-            size_t n = train - L->off < need ? train - L->off : need;
+            size_t n = cells - L->off < need ? cells - L->off : need;
             for (size_t i = L->off; i < L->off + n; i++)
                 cellbatch_append(out, &L->cache, L->order[i], L->order[i] + 1);
             L->off += n;
             need -= n;
         }
-        if (L->off == train) {
-            L->t++;
+        if (L->off == cells) {
+            L->p++;
             L->off = 0;
             drop_block(L);
         }
@@ -209,13 +257,19 @@ static int take(Stream *s, ShardReader *reader, int64_t epoch, const uint32_t *p
     return 0;
 }
 
+// Position the reading side at (epoch, step).
+static void reader_seek(Stream *s, int64_t epoch, int64_t step) {
+    plan_epoch(s, epoch, &s->p_plan);
+    s->p_step = step;
+    s->p_local = 0;
+    for (size_t l = 0; l < s->m; l++) position(s, &s->p_plan, step, &s->ls[l]);
+}
+
 // The next micro-batch of this rank into `out`; advances the reading side.
 static int produce(Stream *s, CellBatch *out, size_t *j_out) {
-    // The next epoch is planned when its first micro-batch is wanted, so an
-    // epoch without steps fails that call, not the last batch of the previous.
-    if (s->p_step == s->p_steps && reader_seek(s, s->p_epoch + 1, 0) != 0) return -1;
+    if (s->p_step == s->steps) reader_seek(s, s->p_plan.epoch + 1, 0);
     LocalStream *L = &s->ls[s->p_local];
-    if (take(s, s->reader, s->p_epoch, s->p_perm, L, out) != 0) return -1;
+    if (take(s, s->reader, &s->p_plan, L, out) != 0) return -1;
     *j_out = L->j;
     if (++s->p_local == s->m) {
         s->p_local = 0;
@@ -254,59 +308,49 @@ static void *prefetch_main(void *arg) {
 // ===========================================================================
 // Opening and closing
 
-Stream *stream_open(const Manifest *m, const StreamConfig *cfg, int rank, int size) {
-    StreamConfig c = *cfg;
-    if (c.block_cells == 0) c.block_cells = STREAM_DEFAULT_BLOCK;
-    if (c.micro_batch == 0 || c.global_batch == 0 || c.global_batch % c.micro_batch != 0) {
-        error_set(
+static int check_config(const StreamConfig *c, int rank, int size) {
+    if (c->micro_batch == 0 || c->global_batch == 0 || c->global_batch % c->micro_batch != 0)
+        return error_set(
             "stream: the global batch (%zu) must be a positive multiple of the micro-batch (%zu)",
-            c.global_batch, c.micro_batch);
-        return NULL;
-    }
-    size_t k = c.global_batch / c.micro_batch;
-    if (size <= 0 || rank < 0 || rank >= size || k % (size_t)size != 0) {
-        error_set(
+            c->global_batch, c->micro_batch);
+    size_t k = c->global_batch / c->micro_batch;
+    if (size <= 0 || rank < 0 || rank >= size || k % (size_t)size != 0)
+        return error_set(
             "stream: %d ranks must divide the %zu micro-batches of a step (global batch %zu / "
             "micro-batch %zu)",
-            size, k, c.global_batch, c.micro_batch);
-        return NULL;
-    }
-    if (c.block_cells > STREAM_MAX_BLOCK || !(c.val_fraction >= 0 && c.val_fraction < 1) ||
-        c.prefetch < 0 || c.prefetch > STREAM_MAX_PREFETCH) {
-        error_set("stream: bad config (block_cells %zu, at most %zu; val_fraction %g, in [0, 1); "
-                  "prefetch %d, in [0, %d])",
-                  c.block_cells, STREAM_MAX_BLOCK, c.val_fraction, c.prefetch, STREAM_MAX_PREFETCH);
-        return NULL;
-    }
+            size, k, c->global_batch, c->micro_batch);
+    if (c->block_cells > STREAM_MAX_BLOCK || !(c->val_fraction >= 0 && c->val_fraction < 1) ||
+        c->prefetch < 0 || c->prefetch > STREAM_MAX_PREFETCH)
+        return error_set(
+            "stream: bad config (block_cells %zu, at most %zu; val_fraction %g, in [0, 1); "
+            "prefetch %d, in [0, %d])",
+            c->block_cells, STREAM_MAX_BLOCK, c->val_fraction, c->prefetch, STREAM_MAX_PREFETCH);
+    return 0;
+}
+
+// The blocks of the folder (and the validation ids); 0, or -1 with error_set().
+static int cut_blocks(Stream *s, const Manifest *m) {
+    const size_t bc = s->cfg.block_cells;
     size_t n_blocks = 0;
     for (size_t i = 0; i < m->n_shards; i++)
-        n_blocks += ((size_t)m->shards[i].n_cells + c.block_cells - 1) / c.block_cells;
-    if (n_blocks >= NO_BLOCK) {
-        error_set("%s: %zu blocks, more than a stream handles; raise block_cells", m->folder,
-                  n_blocks);
-        return NULL;
-    }
-
-    Stream *s = xcalloc(1, sizeof *s);
-    s->cfg = c;
-    s->rank = rank;
-    s->size = size;
-    s->k = k;
-    s->m = k / (size_t)size;
+        n_blocks += ((size_t)m->shards[i].n_cells + bc - 1) / bc;
+    if (n_blocks >= NO_BLOCK)
+        return error_set("%s: %zu blocks, more than a stream handles; raise block_cells",
+                         m->folder, n_blocks);
     s->n_blocks = n_blocks;
-    s->blocks = xmalloc(n_blocks * sizeof *s->blocks);
+    s->blocks = xmalloc((n_blocks ? n_blocks : 1) * sizeof *s->blocks);
     size_t b = 0, cap_val = 0;
     for (size_t i = 0; i < m->n_shards; i++) {
         const ShardEntry *e = &m->shards[i];
-        for (int64_t c0 = 0; c0 < e->n_cells; c0 += (int64_t)c.block_cells) {
-            int64_t n =
-                e->n_cells - c0 < (int64_t)c.block_cells ? e->n_cells - c0 : (int64_t)c.block_cells;
+        for (int64_t c0 = 0; c0 < e->n_cells; c0 += (int64_t)bc) {
+            int64_t n = e->n_cells - c0 < (int64_t)bc ? e->n_cells - c0 : (int64_t)bc;
             Block *B = &s->blocks[b++];
             B->first = e->first_cell + c0;
             B->n = (uint32_t)n;
             B->train = (uint32_t)n;
+            B->tfirst = s->train_cells;
             for (int64_t id = B->first; id < B->first + n; id++) {
-                if (!stream_is_validation(c.split_seed, c.val_fraction, id)) continue;
+                if (!stream_is_validation(s->cfg.split_seed, s->cfg.val_fraction, id)) continue;
                 B->train--;
                 if (s->n_val == cap_val) {
                     cap_val = cap_val ? 2 * cap_val : 1024;
@@ -317,31 +361,57 @@ Stream *stream_open(const Manifest *m, const StreamConfig *cfg, int rank, int si
             s->train_cells += B->train;
         }
     }
-    s->reader = shard_reader_open_manifest(m, SHARD_LAZY | (c.skip_file_crc ? 0 : SHARD_CHECK_CRC));
-    s->p_perm = xmalloc((n_blocks ? n_blocks : 1) * sizeof *s->p_perm);
-    s->c_perm = xmalloc((n_blocks ? n_blocks : 1) * sizeof *s->c_perm);
-    s->ls = xcalloc(s->m, sizeof *s->ls);
-    for (size_t l = 0; l < s->m; l++) {
-        s->ls[l].j = (size_t)rank + l * (size_t)size;
-        s->ls[l].cached = NO_BLOCK;
-        s->ls[l].order = xmalloc(c.block_cells * sizeof *s->ls[l].order);
-        cellbatch_init(&s->ls[l].cache);
+    const int64_t G = (int64_t)s->cfg.global_batch;
+    s->steps = s->train_cells / G;
+    s->remainder = s->train_cells % G;
+    s->segment = s->steps * (int64_t)s->cfg.micro_batch;
+    if (s->steps == 0)
+        return error_set("%s: %lld training cells, fewer than the global batch of %zu: an epoch "
+                         "has no complete step; lower batch.global_batch",
+                         m->folder, (long long)s->train_cells, s->cfg.global_batch);
+    return 0;
+}
+
+static void local_stream_init(LocalStream *L, size_t j, size_t block_cells) {
+    memset(L, 0, sizeof *L);
+    L->j = j;
+    L->cached = NO_BLOCK;
+    L->cached_epoch = -1;
+    L->order = xmalloc(block_cells * sizeof *L->order);
+    cellbatch_init(&L->cache);
+}
+
+static void local_stream_free(LocalStream *L) {
+    cellbatch_free(&L->cache);
+    free(L->order);
+}
+
+Stream *stream_open(const Manifest *m, const StreamConfig *cfg, int rank, int size) {
+    StreamConfig c = *cfg;
+    if (c.block_cells == 0) c.block_cells = STREAM_DEFAULT_BLOCK;
+    if (check_config(&c, rank, size) != 0) return NULL;
+    Stream *s = xcalloc(1, sizeof *s);
+    s->cfg = c;
+    s->rank = rank;
+    s->size = size;
+    s->k = c.global_batch / c.micro_batch;
+    s->m = s->k / (size_t)size;
+    if (cut_blocks(s, m) != 0) {
+        free(s->blocks);
+        free(s->val_ids);
+        free(s);
+        return NULL;
     }
-    s->r_perm_epoch = -1;
-    s->r_ls.cached = NO_BLOCK;
-    s->r_ls.order = xmalloc(c.block_cells * sizeof *s->r_ls.order);
-    cellbatch_init(&s->r_ls.cache);
+    s->reader = shard_reader_open_manifest(m, SHARD_LAZY | (c.skip_file_crc ? 0 : SHARD_CHECK_CRC));
+    plan_init(&s->p_plan, s->n_blocks);
+    plan_init(&s->r_plan, s->n_blocks);
+    s->ls = xcalloc(s->m, sizeof *s->ls);
+    for (size_t l = 0; l < s->m; l++)
+        local_stream_init(&s->ls[l], (size_t)rank + l * (size_t)size, c.block_cells);
+    local_stream_init(&s->r_ls, 0, c.block_cells);
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->filled, NULL);
     pthread_cond_init(&s->freed, NULL);
-    s->c_steps = plan_epoch(s, 0, s->c_perm);
-    if (s->c_steps == 0) {
-        char msg[1024];
-        snprintf(msg, sizeof msg, "%s", error_last());
-        stream_close(s);
-        error_set("%s", msg);
-        return NULL;
-    }
     return s;
 }
 
@@ -356,14 +426,11 @@ void stream_close(Stream *s) {
     }
     for (size_t i = 0; i < s->cap; i++) cellbatch_free(&s->ring[i].batch);
     free(s->ring);
-    for (size_t l = 0; l < s->m; l++) {
-        cellbatch_free(&s->ls[l].cache);
-        free(s->ls[l].order);
-    }
+    for (size_t l = 0; l < s->m; l++) local_stream_free(&s->ls[l]);
     free(s->ls);
-    cellbatch_free(&s->r_ls.cache);
-    free(s->r_ls.order);
-    free(s->r_perm);
+    local_stream_free(&s->r_ls);
+    plan_free(&s->p_plan);
+    plan_free(&s->r_plan);
     shard_reader_close(s->reader);
     shard_reader_close(s->own_reader);
     pthread_mutex_destroy(&s->mu);
@@ -371,14 +438,13 @@ void stream_close(Stream *s) {
     pthread_cond_destroy(&s->freed);
     free(s->blocks);
     free(s->val_ids);
-    free(s->p_perm);
-    free(s->c_perm);
     free(s);
 }
 
 size_t stream_local_micro_batches(const Stream *s) { return s->m; }
-int64_t stream_steps_per_epoch(const Stream *s) { return s->c_steps; }
+int64_t stream_steps_per_epoch(const Stream *s) { return s->steps; }
 int64_t stream_train_cells(const Stream *s) { return s->train_cells; }
+int64_t stream_epoch_cells(const Stream *s) { return s->steps * (int64_t)s->cfg.global_batch; }
 int64_t stream_validation_cells(const Stream *s) { return (int64_t)s->n_val; }
 
 void stream_set_read_hook(Stream *s, StreamReadHook fn, void *ctx) {
@@ -390,7 +456,7 @@ void stream_set_read_hook(Stream *s, StreamReadHook fn, void *ctx) {
 // Consuming
 
 static int start(Stream *s) {
-    if (reader_seek(s, s->c_epoch, s->c_step) != 0) return -1;
+    reader_seek(s, s->c_epoch, s->c_step);
     s->started = 1;
     if (s->cfg.prefetch == 0) return 0;
     s->cap = (size_t)s->cfg.prefetch;
@@ -434,52 +500,69 @@ int stream_next(Stream *s, CellBatch *out, size_t *stream_index) {
     }
     if (++s->c_local == s->m) {
         s->c_local = 0;
-        if (++s->c_step == s->c_steps) {
+        if (++s->c_step == s->steps) {
             s->c_epoch++;
             s->c_step = 0;
-            s->c_steps = plan_epoch(s, s->c_epoch, s->c_perm);
         }
     }
     return 0;
 }
 
 // ===========================================================================
-// Cursor
+// Cursor: {epoch, step, CURSOR_TAG, global batch, micro-batch}
 
-size_t stream_cursor_len(const Stream *s) { return 2 + s->k; }
+size_t stream_cursor_len(const Stream *s) {
+    (void)s;
+    return CURSOR_LEN;
+}
 
 void stream_cursor_get(const Stream *s, int64_t *out) {
     out[0] = s->c_epoch;
     out[1] = s->c_step;
-    for (size_t j = 0; j < s->k; j++) out[2 + j] = s->c_step * (int64_t)s->cfg.micro_batch;
+    out[2] = CURSOR_TAG;
+    out[3] = (int64_t)s->cfg.global_batch;
+    out[4] = (int64_t)s->cfg.micro_batch;
+}
+
+// A cursor of the former layout: {epoch, step, k positions of step b}.
+static int former_cursor(const Stream *s, const int64_t *cur, size_t len) {
+    if (len < 3 || cur[2] == CURSOR_TAG) return 0;
+    for (size_t j = 2; j < len; j++)
+        if (cur[j] < 0 || cur[j] % (int64_t)s->cfg.micro_batch != 0 || cur[j] != cur[2]) return 0;
+    return 1;
 }
 
 int stream_cursor_set(Stream *s, const int64_t *cur, size_t len) {
     if (s->started)
         return error_set("stream: the cursor can only be set before the first micro-batch");
-    if (len != 2 + s->k)
-        return error_set(
-            "stream: cursor of %zu values for %zu streams (expected %zu): the global batch "
-            "or the micro-batch changed",
-            len, s->k, 2 + s->k);
-    if (cur[0] < 0 || cur[1] < 0) return error_set("stream: negative epoch or step in the cursor");
-    for (size_t j = 0; j < s->k; j++) {
-        if (cur[2 + j] != cur[1] * (int64_t)s->cfg.micro_batch)
-            return error_set(
-                "stream: cursor position %lld of stream %zu does not match step %lld of "
-                "micro-batches of %zu: the micro-batch changed",
-                (long long)cur[2 + j], j, (long long)cur[1], s->cfg.micro_batch);
+    if (len == CURSOR_LEN && cur[2] == CURSOR_TAG) {
+        if (cur[3] != (int64_t)s->cfg.global_batch || cur[4] != (int64_t)s->cfg.micro_batch)
+            return error_set("stream: the cursor is for global batch %lld and micro-batch %lld; "
+                             "this run has global batch %zu and micro-batch %zu",
+                             (long long)cur[3], (long long)cur[4], s->cfg.global_batch,
+                             s->cfg.micro_batch);
+    } else if (former_cursor(s, cur, len)) {
+        if (len != 2 + s->k || cur[2] != cur[1] * (int64_t)s->cfg.micro_batch)
+            return error_set("stream: the cursor holds %zu streams at %lld cells (an earlier "
+                             "perfcell); this run has %zu streams of micro-batches of %zu: the "
+                             "global batch or the micro-batch changed",
+                             len - 2, (long long)cur[2], s->k, s->cfg.micro_batch);
+        log_warn("stream: the checkpoint's cursor is from an earlier perfcell whose epochs skipped "
+                 "cells; continuing at epoch %lld, step %lld in today's order",
+                 (long long)cur[0], (long long)cur[1]);
+    } else {
+        return error_set("stream: a cursor of %zu values that is neither of this perfcell (%d) "
+                         "nor of an earlier one",
+                         len, CURSOR_LEN);
     }
-    int64_t steps = plan_epoch(s, cur[0], s->c_perm);
-    if (steps == 0) return -1;
-    if (cur[1] >= steps)
+    if (cur[0] < 0 || cur[1] < 0) return error_set("stream: negative epoch or step in the cursor");
+    if (cur[1] >= s->steps)
         return error_set(
-            "stream: cursor step %lld is past the %lld steps of epoch %lld (another seed, "
-            "block size or validation split?)",
-            (long long)cur[1], (long long)steps, (long long)cur[0]);
+            "stream: cursor step %lld is past the %lld steps of an epoch (%lld training cells: "
+            "another shard folder or validation split?)",
+            (long long)cur[1], (long long)s->steps, (long long)s->train_cells);
     s->c_epoch = cur[0];
     s->c_step = cur[1];
-    s->c_steps = steps;
     s->c_local = 0;
     return 0;
 }
@@ -500,15 +583,11 @@ int stream_replay(Stream *s, size_t i, CellBatch *out) {
     if (!s->r_valid) return error_set("stream: no micro-batch returned yet, nothing to replay");
     if (i >= s->m)
         return error_set("stream: micro-batch %zu of a step replayed, this rank has %zu", i, s->m);
-    if (s->r_perm_epoch != s->r_epoch) {
-        if (!s->r_perm) s->r_perm = xmalloc((s->n_blocks ? s->n_blocks : 1) * sizeof *s->r_perm);
-        if (plan_epoch(s, s->r_epoch, s->r_perm) == 0) return -1;
-        s->r_perm_epoch = s->r_epoch;
-    }
+    plan_epoch(s, s->r_epoch, &s->r_plan);
     LocalStream *L = &s->r_ls;
     L->j = (size_t)s->rank + i * (size_t)s->size;
-    position(s, s->r_perm, s->r_step, L);
-    return take(s, own_reader(s), s->r_epoch, s->r_perm, L, out);
+    position(s, &s->r_plan, s->r_step, L);
+    return take(s, own_reader(s), &s->r_plan, L, out);
 }
 
 // ===========================================================================

@@ -847,10 +847,12 @@ int cmd_finetune(int argc, char **argv) {
 
     static const char *const HEAD_NAMES[3] = {"scbert", "pooled", "linear"};
     log_info("finetune: %zu classes, cells: %zu train, %zu validation, %zu test; head %s, freeze %s, "
-             "%zu trainable parameters; %lld steps per epoch of %zu cells, %lld epochs at most",
+             "%zu trainable parameters; %lld steps per epoch of %zu cells (%lld cells per epoch, %lld left out, a "
+             "window that moves every epoch), %lld epochs at most",
              K, train.n, val.n, test.n, HEAD_NAMES[cc.kind],
              config_str(cfg, "finetune.freeze"), param_table_trainable(&t.model.table),
-             (long long)steps_per_epoch, G, (long long)epochs);
+             (long long)steps_per_epoch, G, (long long)(steps_per_epoch * (int64_t)G),
+             (long long)(train.n - (size_t)steps_per_epoch * G), (long long)epochs);
 
     const double start = time_now();
     double last_ckpt = start;
@@ -868,10 +870,13 @@ int cmd_finetune(int argc, char **argv) {
     while (!stop && !early && t.cursor[0] < epochs) {
         const int64_t epoch = t.cursor[0];
         if (!lbfgs) {
-            for (size_t i = 0; i < train.n; i++) pidx[i] = (uint32_t)i;
+            // Every training cell but the remainder's moving window (stream.h).
+            size_t n_used = 0;
+            for (size_t i = 0; i < train.n; i++)
+                if (!stream_is_left_out((int64_t)train.n, (int64_t)G, epoch, (int64_t)i)) pidx[n_used++] = (uint32_t)i;
             Rng r = rng_init(t.seed, RNG_FINETUNE, 1, (uint64_t)epoch, 0);
-            rng_shuffle_u32(&r, pidx, train.n);
-            for (size_t i = 0; i < train.n; i++) perm[i] = train.id[pidx[i]];
+            rng_shuffle_u32(&r, pidx, n_used);
+            for (size_t i = 0; i < n_used; i++) perm[i] = train.id[pidx[i]];
         }
         double ep_loss = 0, ep_n = 0, ep_hit = 0, t_epoch = time_now();
         double tr_loss = 0, tr_acc = 0; // of the epoch

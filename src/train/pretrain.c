@@ -173,11 +173,14 @@ int cmd_pretrain(int argc, char **argv) {
 
     const int64_t max_steps = config_int(cfg, "run.max_steps");
     log_info("pretrain: %lld training cells, %lld genes, mode %s, %d rank%s x %zu micro-batch%s of %zu "
-             "cells, global batch %zu, %lld steps/epoch, steps %lld -> %lld",
+             "cells, global batch %zu, %lld steps/epoch, %lld cells/epoch (%lld left out, a window that "
+             "moves every epoch), steps %lld -> %lld",
              (long long)stream_train_cells(t.stream), (long long)t.manifest.n_genes,
              mc.mode == SEQ_FULL ? "full" : "nonzero", t.size, t.size > 1 ? "s" : "", local_mb,
              local_mb > 1 ? "es" : "", b, G, (long long)stream_steps_per_epoch(t.stream),
-             (long long)t.step, (long long)max_steps);
+             (long long)stream_epoch_cells(t.stream),
+             (long long)(stream_train_cells(t.stream) - stream_epoch_cells(t.stream)), (long long)t.step,
+             (long long)max_steps);
 
     const size_t V = (size_t)mc.bins + 2, C = mc.dim;
     // One cell buffer (cells are kept only as tokens once tokenised) and the

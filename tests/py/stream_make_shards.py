@@ -8,6 +8,7 @@ reader accepts any shard that follows the format, not only our own writer's.
 
     HDF5_PLUGIN_PATH=lib/hdf5-plugin /usr/bin/python3 tests/py/stream_make_shards.py \
         IN.h5ad --out DIR --shard-cells 1000 [--label-key celltype] [--chunk 65536]
+        [--shard-sizes 13,1,250,...]   (uneven shards: these sizes, then --shard-cells)
 """
 import argparse
 import os
@@ -156,6 +157,7 @@ def main():
     ap.add_argument("--shard-cells", type=int, default=1000)
     ap.add_argument("--label-key", default="")
     ap.add_argument("--chunk", type=int, default=1 << 16)
+    ap.add_argument("--shard-sizes", default="", help="comma-separated cells of the first shards")
     a = ap.parse_args()
     m, names, genes, codes, cats = read_input(a.input, a.label_key)
     os.makedirs(a.out, exist_ok=True)
@@ -165,8 +167,15 @@ def main():
         f.write("".join(f"{s}\n" for s in genes))
     dataset = os.path.splitext(os.path.basename(a.input))[0]
     rows = []
-    for i, c0 in enumerate(range(0, m.shape[0], a.shard_cells)):
-        c1 = min(c0 + a.shard_cells, m.shape[0])
+    sizes = [int(x) for x in a.shard_sizes.split(",") if x]
+    if any(n <= 0 for n in sizes):
+        raise SystemExit(f"--shard-sizes {a.shard_sizes}: every size must be positive")
+    cuts, c0 = [], 0
+    while c0 < m.shape[0]:
+        c1 = min(c0 + (sizes[len(cuts)] if len(cuts) < len(sizes) else a.shard_cells), m.shape[0])
+        cuts.append((c0, c1))
+        c0 = c1
+    for i, (c0, c1) in enumerate(cuts):
         fn = f"shard-{i:05d}.h5ad"
         nnz, crc, size, fcrc = write_shard(os.path.join(a.out, fn), i, c0, m[c0:c1], names[c0:c1], genes,
                                            codes[c0:c1] if codes is not None else None, cats,
