@@ -85,22 +85,27 @@ static int batch_ok(const CellBatch *b, int64_t n_genes) {
 // (NULL: the start). ids: (steps, G) cell ids, micro-batch j at [j b, (j+1) b);
 // hashes: (steps, k) content hashes. cursor_out (optional) receives the cursor
 // after the last step, checked equal on every simulated rank.
-// Block reads of simulated ranks (the hook runs on their prefetch threads):
-// reads[e n_blocks + block] for epochs below `epochs`.
+// Cell reads of simulated ranks (the hook runs on their prefetch threads):
+// reads[e n_cells + id] for epochs below `epochs`; by[...] the stream + 1 that
+// read it (0: none yet), other_stream counts cells read by a second stream.
 typedef struct {
     pthread_mutex_t mu;
-    uint32_t *reads;
-    size_t n_blocks;
-    int64_t epochs;
+    uint32_t *reads, *by;
+    int64_t n_cells, epochs, other_stream;
 } ReadTally;
 
 static void tally_read(void *ctx, int64_t epoch, size_t stream, uint32_t block, int64_t first,
                        size_t n) {
     ReadTally *t = ctx;
-    (void)stream, (void)first, (void)n;
-    if (epoch >= t->epochs || block >= t->n_blocks) return;
+    (void)block;
+    if (epoch >= t->epochs) return;
     pthread_mutex_lock(&t->mu);
-    t->reads[(size_t)epoch * t->n_blocks + block]++;
+    for (int64_t id = first; id < first + (int64_t)n && id < t->n_cells; id++) {
+        size_t i = (size_t)(epoch * t->n_cells + id);
+        t->reads[i]++;
+        if (t->by[i] && t->by[i] != stream + 1) t->other_stream++;
+        t->by[i] = (uint32_t)stream + 1;
+    }
     pthread_mutex_unlock(&t->mu);
 }
 
@@ -542,9 +547,8 @@ static int mode_unit(const char *dir) {
 // mpi
 
 typedef struct {
-    int64_t *ev; // (n, 4): epoch, stream, block, first cell
+    int64_t *ev; // (n, 5): epoch, stream, block, first cell, cells
     size_t n, cap;
-    int64_t *block_cells; // cells of each block by block index (-1 unknown)
 } ReadLog;
 
 static void log_read(void *ctx, int64_t epoch, size_t stream, uint32_t block, int64_t first,
@@ -552,14 +556,14 @@ static void log_read(void *ctx, int64_t epoch, size_t stream, uint32_t block, in
     ReadLog *L = ctx;
     if (L->n == L->cap) {
         L->cap = L->cap ? 2 * L->cap : 1024;
-        L->ev = xrealloc(L->ev, L->cap * 4 * sizeof *L->ev);
+        L->ev = xrealloc(L->ev, L->cap * 5 * sizeof *L->ev);
     }
-    int64_t *e = L->ev + 4 * L->n++;
+    int64_t *e = L->ev + 5 * L->n++;
     e[0] = epoch;
     e[1] = (int64_t)stream;
     e[2] = block;
     e[3] = first;
-    (void)n;
+    e[4] = (int64_t)n;
 }
 
 static int mode_mpi(const char *dir, size_t G, size_t b, size_t block, int epochs) {
@@ -644,16 +648,16 @@ static int mode_mpi(const char *dir, size_t G, size_t b, size_t block, int epoch
     stream_close(s);
 
     // Gather the read logs of the epochs run, check them on rank 0.
-    int64_t *mine = xmalloc((log.n ? log.n : 1) * 4 * sizeof *mine);
-    int nm4 = 0;
+    int64_t *mine = xmalloc((log.n ? log.n : 1) * 5 * sizeof *mine);
+    int n_ev = 0;
     for (size_t i = 0; i < log.n; i++)
-        if (log.ev[4 * i] < epochs) {
-            memcpy(mine + nm4, log.ev + 4 * i, 4 * sizeof *mine);
-            nm4 += 4;
+        if (log.ev[5 * i] < epochs) {
+            memcpy(mine + n_ev, log.ev + 5 * i, 5 * sizeof *mine);
+            n_ev += 5;
         }
     int *counts = xmalloc((size_t)size * sizeof *counts),
         *displs = xmalloc((size_t)size * sizeof *displs);
-    CHECK_MPI(MPI_Gather(&nm4, 1, MPI_INT, counts, 1, MPI_INT, 0, MPI_COMM_WORLD));
+    CHECK_MPI(MPI_Gather(&n_ev, 1, MPI_INT, counts, 1, MPI_INT, 0, MPI_COMM_WORLD));
     int total = 0;
     for (int r = 0; rank == 0 && r < size; r++) {
         displs[r] = total;
@@ -661,31 +665,35 @@ static int mode_mpi(const char *dir, size_t G, size_t b, size_t block, int epoch
     }
     int64_t *all = xmalloc(((size_t)total + 1) * sizeof *all);
     CHECK_MPI(
-        MPI_Gatherv(mine, nm4, MPI_INT64_T, all, counts, displs, MPI_INT64_T, 0, MPI_COMM_WORLD));
+        MPI_Gatherv(mine, n_ev, MPI_INT64_T, all, counts, displs, MPI_INT64_T, 0, MPI_COMM_WORLD));
     int64_t T = 0;
     for (int64_t id = 0; id < m.n_cells; id++)
         T += !stream_is_validation(c.split_seed, c.val_fraction, id);
-    const int64_t S = T / (int64_t)G;
-    const size_t n_blocks_max = (size_t)m.n_cells; // an upper bound, for the counts
     for (int e = 0; rank == 0 && e < epochs; e++) {
-        // Each rank reads only its streams' blocks; a stream reads a block
-        // once per epoch (blocks larger than the micro-batch), so the reads
-        // are the blocks plus the segment cuts inside blocks (k - 1 at most),
-        // or plus the micro-batch cuts when blocks are no larger.
-        uint32_t *reads = xcalloc(n_blocks_max, sizeof *reads);
-        size_t n_reads = 0, n_blocks = 0;
+        // Each rank reads only its streams' cells, and every cell is read by
+        // one rank, once per epoch (twice at most when blocks are no larger
+        // than the micro-batch: a piece split over two micro-batches).
+        uint32_t *reads = xcalloc((size_t)m.n_cells, sizeof *reads);
+        int *reader_rank = xmalloc((size_t)m.n_cells * sizeof *reader_rank);
+        for (int64_t id = 0; id < m.n_cells; id++) reader_rank[id] = -1;
+        int64_t two_ranks = 0;
+        uint32_t max_reads = 0, most = block > b ? 1 : 2;
         for (int r = 0; r < size; r++) {
-            for (int i = displs[r]; i < displs[r] + counts[r]; i += 4) {
-                int64_t j = all[i + 1], first = all[i + 3];
+            for (int i = displs[r]; i < displs[r] + counts[r]; i += 5) {
+                int64_t j = all[i + 1], first = all[i + 3], n = all[i + 4];
                 if (all[i] != e) continue;
-                T_CHECK(j % size == r, "rank %d read a block of stream %lld", r, (long long)j);
-                n_blocks += reads[first]++ == 0;
-                n_reads++;
+                T_CHECK(j % size == r, "rank %d read cells of stream %lld", r, (long long)j);
+                for (int64_t id = first; id < first + n && id < m.n_cells; id++) {
+                    two_ranks += reader_rank[id] >= 0 && reader_rank[id] != r;
+                    reader_rank[id] = r;
+                    if (++reads[id] > max_reads) max_reads = reads[id];
+                }
             }
         }
-        size_t cuts = block > b ? k - 1 : k * (size_t)S - 1;
-        T_CHECK(n_reads <= n_blocks + cuts, "epoch %d: %zu block reads for %zu blocks (at most %zu)",
-                e, n_reads, n_blocks, n_blocks + cuts);
+        T_CHECK(two_ranks == 0 && max_reads <= most,
+                "epoch %d: %lld cells read by two ranks, a cell read %u times (at most %u)", e,
+                (long long)two_ranks, max_reads, most);
+        free(reader_rank);
         // The cells left out are exactly the epoch's window of T mod G.
         const uint8_t *sn = seen + (size_t)e * (size_t)m.n_cells;
         int64_t ti = 0, wrong = 0;
@@ -824,12 +832,11 @@ static void property_combo(const Manifest *m, Rng *r, int combo, size_t *n_runs)
             *got = xmalloc((size_t)steps * G * sizeof *got);
     uint64_t *href = xmalloc((size_t)steps * k * sizeof *href),
              *hgot = xmalloc((size_t)steps * k * sizeof *hgot);
-    size_t n_blocks = 0;
-    for (size_t i = 0; i < m->n_shards; i++)
-        n_blocks += ((size_t)m->shards[i].n_cells + c.block_cells - 1) / c.block_cells;
-    ReadTally tally = {.n_blocks = n_blocks, .epochs = E};
+    const size_t n_tally = (size_t)(E * m->n_cells);
+    ReadTally tally = {.n_cells = m->n_cells, .epochs = E};
     pthread_mutex_init(&tally.mu, NULL);
-    tally.reads = xcalloc((size_t)E * n_blocks, sizeof *tally.reads);
+    tally.reads = xcalloc(n_tally, sizeof *tally.reads);
+    tally.by = xcalloc(n_tally, sizeof *tally.by);
 
     Stream *probe = stream_open(m, &c, 0, 1);
     CHECK(probe, "%s: %s", what, error_last());
@@ -842,7 +849,9 @@ static void property_combo(const Manifest *m, Rng *r, int combo, size_t *n_runs)
 
     for (int N = 1; N <= 3; N++) {
         if (k % (size_t)N != 0) continue;
-        memset(tally.reads, 0, (size_t)E * n_blocks * sizeof *tally.reads);
+        memset(tally.reads, 0, n_tally * sizeof *tally.reads);
+        memset(tally.by, 0, n_tally * sizeof *tally.by);
+        tally.other_stream = 0;
         run_ranks(m, &c, N, NULL, 0, steps, N == 1 ? ref : got, N == 1 ? href : hgot, NULL,
                   &tally);
         (*n_runs)++;
@@ -850,19 +859,16 @@ static void property_combo(const Manifest *m, Rng *r, int combo, size_t *n_runs)
             T_CHECK(memcmp(got, ref, (size_t)steps * G * sizeof *got) == 0 &&
                         memcmp(hgot, href, (size_t)steps * k * sizeof *hgot) == 0,
                     "%s: %d ranks give other global batches than 1", what, N);
-        // Reads: each block once per stream that takes cells of it, so the
-        // blocks read plus the cuts inside blocks (segment cuts; micro-batch
-        // cuts when blocks are no larger than the micro-batch).
-        const size_t cuts = c.block_cells > b ? k - 1 : k * (size_t)S - 1;
-        for (int64_t e = 0; e < E; e++) {
-            size_t reads = 0, blocks = 0;
-            for (size_t i = 0; i < n_blocks; i++) {
-                reads += tally.reads[(size_t)e * n_blocks + i];
-                blocks += tally.reads[(size_t)e * n_blocks + i] > 0;
-            }
-            T_CHECK(reads <= blocks + cuts, "%s, %d ranks, epoch %lld: %zu reads of %zu blocks",
-                    what, N, (long long)e, reads, blocks);
-        }
+        // Reads: every cell by one stream only, once per epoch (twice at
+        // most when blocks are no larger than the micro-batch).
+        const uint32_t most = c.block_cells > b ? 1 : 2;
+        uint32_t max_reads = 0;
+        for (size_t i = 0; i < n_tally; i++)
+            if (tally.reads[i] > max_reads) max_reads = tally.reads[i];
+        T_CHECK(max_reads <= most && tally.other_stream == 0,
+                "%s, %d ranks: a cell read %u times in an epoch (at most %u), %lld reads by a "
+                "second stream",
+                what, N, max_reads, most, (long long)tally.other_stream);
     }
     uint8_t *left = xmalloc((size_t)T * 2);
     for (int64_t e = 0; e < E; e++)
@@ -886,6 +892,7 @@ static void property_combo(const Manifest *m, Rng *r, int combo, size_t *n_runs)
     }
     pthread_mutex_destroy(&tally.mu);
     free(tally.reads);
+    free(tally.by);
     free(left);
     free(ref);
     free(got);

@@ -23,13 +23,14 @@
 // epoch does not depend on the seed, the shard layout or the block size.
 //
 // Reads: a stream reads the blocks of its segment in order and holds at most
-// one partly used block (k / N per rank), so its memory does not grow with the
-// epoch. Per epoch each block is read once by every stream whose segment it
-// overlaps: once, except the at most k - 1 blocks that straddle two segments
-// (read by the two streams, possibly on two ranks; when a segment is shorter
-// than a block, by each stream it overlaps). With block_cells <= the micro-
-// batch a stream holds no block between micro-batches and a block split over
-// two micro-batches is read twice.
+// one partly used piece (k / N per rank), so its memory does not grow with
+// the epoch. Where two segments meet inside a block, the block is cut into
+// pieces at that cell (in folder order; each piece is shuffled on its own)
+// and each stream reads only the cell range of its piece. So every cell is
+// read by one rank, once per epoch; with block_cells <= the micro-batch a
+// stream holds no piece between micro-batches, and a piece split over two
+// micro-batches is read twice. (A resumed run reads the piece it resumes in
+// once more.)
 //
 // The validation split is a stable hash of the cell id (RNG_SPLIT keyed by
 // split_seed): the same cells are held out whatever the seed, the batch or the
@@ -159,8 +160,9 @@ int64_t stream_validation_cells(const Stream *s);
 int stream_is_validation(uint64_t split_seed, double val_fraction, int64_t cell_id);
 
 // Instrumentation (tests, statistics): called by the reading thread after each
-// block read, with the epoch, the stream j and the block (index in folder
-// order: blocks of shard 0 first). Set it before the first stream_next().
+// piece read, with the epoch, the stream j, the block (index in folder order:
+// blocks of shard 0 first) and the cells read [first_cell, first_cell +
+// n_cells). Set it before the first stream_next().
 typedef void (*StreamReadHook)(void *ctx, int64_t epoch, size_t stream, uint32_t block,
                                int64_t first_cell, size_t n_cells);
 void stream_set_read_hook(Stream *s, StreamReadHook fn, void *ctx);

@@ -13,13 +13,14 @@
 #define STREAM_DEFAULT_BLOCK 256
 #define STREAM_MAX_BLOCK ((size_t)1 << 20)
 #define STREAM_MAX_PREFETCH 4096
-#define NO_BLOCK UINT32_MAX
+#define MAX_BLOCKS UINT32_MAX
 // Third value of a cursor of this layout (a former cursor holds a stream
 // position there, never negative).
 #define CURSOR_TAG (-2)
 #define CURSOR_LEN 5
 
-// RNG_SHUFFLE sub-streams.
+// RNG_SHUFFLE sub-streams: the block order, and the order inside a piece
+// starting at the block's cell lo of the epoch (SHUFFLE_CELLS + lo).
 enum { SHUFFLE_BLOCKS = 0, SHUFFLE_CELLS = 1 };
 
 typedef struct {
@@ -29,23 +30,33 @@ typedef struct {
     int64_t tfirst; // training index of its first training cell (folder order)
 } Block;
 
-// An epoch's order: blocks permuted, and where each block's cells of the
-// epoch (its training cells less the left-out window) start in the epoch.
+// A piece: cells [lo, hi) of a block's cells of the epoch (its training cells
+// less the left-out window, in folder order). A block is one piece, or
+// several where segments of two streams meet inside it.
+typedef struct {
+    uint32_t blk;
+    uint32_t lo, hi;
+} Piece;
+
+// An epoch's order: pieces of the permuted blocks, and where each starts in
+// the epoch.
 typedef struct {
     int64_t epoch; // -1: not planned
     int64_t w0;    // first training index of the left-out window
-    uint32_t *perm;  // (n_blocks) block order
-    int64_t *start;  // (n_blocks + 1) epoch position of block perm[p]'s first cell
+    size_t n;      // pieces
+    uint32_t *perm; // (n_blocks) block order
+    Piece *piece;   // (n) in epoch order
+    int64_t *start; // (n + 1) epoch position of each piece's first cell
 } EpochPlan;
 
 // Where the reading side is in one of this rank's streams.
 typedef struct {
     size_t j;        // stream index in [0, k)
-    size_t p;        // current block: perm[p]
-    size_t off;      // cells of that block (of the epoch) already handed out
-    uint32_t cached; // block held in `cache` (NO_BLOCK: none)
+    size_t p;        // current piece
+    size_t off;      // cells of that piece already handed out
+    size_t cached;   // piece held in `cache` (SIZE_MAX: none)
     int64_t cached_epoch;
-    CellBatch cache; // the cached block's cells, as read
+    CellBatch cache; // the cached piece's cells, as read
     uint32_t *order; // (block_cells) its cells of the epoch in shuffled order
 } LocalStream;
 
@@ -125,15 +136,19 @@ int stream_is_left_out(int64_t n, int64_t global_batch, int64_t epoch, int64_t i
 // ===========================================================================
 // Epoch plans: a pure function of (seed, epoch), computed by each side
 
-static void plan_init(EpochPlan *P, size_t n_blocks) {
+// At most n_blocks + k - 1 pieces: the k - 1 segment cuts split blocks.
+static void plan_init(EpochPlan *P, size_t n_blocks, size_t k) {
     P->epoch = -1;
     P->w0 = 0;
+    P->n = 0;
     P->perm = xmalloc((n_blocks ? n_blocks : 1) * sizeof *P->perm);
-    P->start = xmalloc((n_blocks + 1) * sizeof *P->start);
+    P->piece = xmalloc((n_blocks + k) * sizeof *P->piece);
+    P->start = xmalloc((n_blocks + k + 1) * sizeof *P->start);
 }
 
 static void plan_free(EpochPlan *P) {
     free(P->perm);
+    free(P->piece);
     free(P->start);
 }
 
@@ -160,9 +175,23 @@ static void plan_epoch(const Stream *s, int64_t epoch, EpochPlan *P) {
     Rng r = rng_init(s->cfg.seed, RNG_SHUFFLE, SHUFFLE_BLOCKS, (uint64_t)epoch, 0);
     rng_shuffle_u32(&r, P->perm, s->n_blocks);
     P->w0 = stream_left_out_start(s->train_cells, (int64_t)s->cfg.global_batch, epoch);
+    // Cut the blocks where one stream's segment ends and the next begins.
+    int64_t pos = 0;
+    P->n = 0;
     P->start[0] = 0;
-    for (size_t p = 0; p < s->n_blocks; p++)
-        P->start[p + 1] = P->start[p] + block_epoch_cells(s, &s->blocks[P->perm[p]], P->w0);
+    for (size_t q = 0; q < s->n_blocks; q++) {
+        uint32_t blk = P->perm[q];
+        int64_t cells = block_epoch_cells(s, &s->blocks[blk], P->w0), lo = 0;
+        while (lo < cells) {
+            int64_t cut = (pos + lo) / s->segment * s->segment + s->segment; // next segment end
+            int64_t hi = cut - pos < cells ? cut - pos : cells;
+            P->piece[P->n] = (Piece){blk, (uint32_t)lo, (uint32_t)hi};
+            P->start[P->n + 1] = pos + hi;
+            P->n++;
+            lo = hi;
+        }
+        pos += cells;
+    }
     P->epoch = epoch;
 }
 
@@ -173,8 +202,8 @@ static void plan_epoch(const Stream *s, int64_t epoch, EpochPlan *P) {
 // the planned epoch: at epoch position j segment + step b.
 static void position(const Stream *s, const EpochPlan *P, int64_t step, LocalStream *L) {
     int64_t pos = (int64_t)L->j * s->segment + step * (int64_t)s->cfg.micro_batch;
-    // The block holding pos: the first p with start[p + 1] > pos.
-    size_t lo = 0, hi = s->n_blocks;
+    // The piece holding pos: the first p with start[p + 1] > pos.
+    size_t lo = 0, hi = P->n;
     while (lo < hi) {
         size_t mid = lo + (hi - lo) / 2;
         if (P->start[mid + 1] > pos)
@@ -183,63 +212,85 @@ static void position(const Stream *s, const EpochPlan *P, int64_t step, LocalStr
             lo = mid + 1;
     }
     L->p = lo;
-    L->off = lo < s->n_blocks ? (size_t)(pos - P->start[lo]) : 0;
+    L->off = lo < P->n ? (size_t)(pos - P->start[lo]) : 0;
 }
 
-// Read block `blk` of stream L into its cache, with the order in which its
-// cells of the epoch (training, not left out) are handed out.
-static int load_block(Stream *s, ShardReader *reader, const EpochPlan *P, LocalStream *L,
-                      uint32_t blk) {
-    const Block *B = &s->blocks[blk];
-    L->cached = NO_BLOCK;
+// Whether a training cell (training index ti) is in the epoch's left-out window.
+static int left_out(const Stream *s, const EpochPlan *P, int64_t ti) {
+    return s->remainder && (ti - P->w0 + s->train_cells) % s->train_cells < s->remainder;
+}
+
+// Read piece p of the planned epoch into L's cache: only the cell range from
+// its first to its last cell, so two streams that share a block read disjoint
+// ranges; `order` lists its cells in the order they are handed out.
+static int load_piece(Stream *s, ShardReader *reader, const EpochPlan *P, LocalStream *L,
+                      size_t p) {
+    const Piece *pc = &P->piece[p];
+    const Block *B = &s->blocks[pc->blk];
+    // The ids of the piece's first and last cell, from the split and the window.
+    int64_t id0 = -1, id1 = -1, ti = B->tfirst, ti0 = 0, q = 0;
+    for (int64_t id = B->first; id < B->first + B->n && q < pc->hi; id++) {
+        if (stream_is_validation(s->cfg.split_seed, s->cfg.val_fraction, id)) continue;
+        int64_t t = ti++;
+        if (left_out(s, P, t)) continue;
+        if (q == pc->lo) id0 = id, ti0 = t;
+        if (++q == pc->hi) id1 = id + 1;
+    }
+    L->cached = SIZE_MAX;
     cellbatch_clear(&L->cache);
-    if (shard_reader_read(reader, B->first, B->first + B->n, &L->cache) != 0) return -1;
-    size_t nt = 0, ne = 0;
+    if (id0 < 0 || id1 < 0)
+        return error_set("internal: piece [%u, %u) of the block at cell %lld not found", pc->lo,
+                         pc->hi, (long long)B->first);
+    if (shard_reader_read(reader, id0, id1, &L->cache) != 0) return -1;
+    ti = ti0;
+    size_t ne = 0;
     for (size_t i = 0; i < L->cache.n; i++) {
+        if (L->cache.cell_id[i] != id0 + (int64_t)i)
+            return error_set("%s: cell %lld read where cell %lld was expected",
+                             shard_reader_manifest(s->reader)->folder,
+                             (long long)L->cache.cell_id[i], (long long)(id0 + (int64_t)i));
         if (stream_is_validation(s->cfg.split_seed, s->cfg.val_fraction, L->cache.cell_id[i]))
             continue;
-        int64_t ti = B->tfirst + (int64_t)nt++;
-        if (s->remainder && (ti - P->w0 + s->train_cells) % s->train_cells < s->remainder)
-            continue;
+        if (left_out(s, P, ti++)) continue;
         L->order[ne++] = (uint32_t)i;
     }
-    if (nt != B->train)
-        return error_set("%s: block at cell %lld holds %zu training cells, expected %u",
-                         shard_reader_manifest(s->reader)->folder, (long long)B->first, nt,
-                         B->train);
-    Rng r = rng_init(s->cfg.seed, RNG_SHUFFLE, SHUFFLE_CELLS, (uint64_t)P->epoch, blk);
+    if (ne != (size_t)(pc->hi - pc->lo))
+        return error_set("%s: %zu cells of the epoch at cells [%lld, %lld), expected %u",
+                         shard_reader_manifest(s->reader)->folder, ne, (long long)id0,
+                         (long long)id1, pc->hi - pc->lo);
+    Rng r = rng_init(s->cfg.seed, RNG_SHUFFLE, SHUFFLE_CELLS + pc->lo, (uint64_t)P->epoch, pc->blk);
     rng_shuffle_u32(&r, L->order, ne);
-    L->cached = blk;
+    L->cached = p;
     L->cached_epoch = P->epoch;
-    if (s->hook && reader == s->reader) s->hook(s->hook_ctx, P->epoch, L->j, blk, B->first, B->n);
+    if (s->hook && reader == s->reader)
+        s->hook(s->hook_ctx, P->epoch, L->j, pc->blk, id0, (size_t)(id1 - id0));
     return 0;
 }
 
-static void drop_block(LocalStream *L) {
-    if (L->cached == NO_BLOCK) return;
+static void drop_piece(LocalStream *L) {
+    if (L->cached == SIZE_MAX) return;
     cellbatch_free(&L->cache);
     cellbatch_init(&L->cache);
-    L->cached = NO_BLOCK;
+    L->cached = SIZE_MAX;
 }
 
 // The next micro-batch of stream L (positioned in the planned epoch P) into
-// `out`. A block is cached in L only while it still has cells to hand out, so
-// memory holds at most one partly used block per stream; with blocks no
-// larger than the micro-batch not even that: a block split over two
+// `out`. A piece is cached in L only while it still has cells to hand out, so
+// memory holds at most one partly used piece per stream; with blocks no
+// larger than the micro-batch not even that: a piece split over two
 // micro-batches is read twice, and memory does not grow with the streams.
 static int take(Stream *s, ShardReader *reader, const EpochPlan *P, LocalStream *L,
                 CellBatch *out) {
     size_t need = s->cfg.micro_batch;
     cellbatch_clear(out);
     while (need > 0) {
-        if (L->p >= s->n_blocks)
-            return error_set("internal: stream %zu ran out of blocks in epoch %lld", L->j,
+        if (L->p >= P->n)
+            return error_set("internal: stream %zu ran out of cells in epoch %lld", L->j,
                              (long long)P->epoch);
-        uint32_t blk = P->perm[L->p];
         size_t cells = (size_t)(P->start[L->p + 1] - P->start[L->p]);
         if (L->off < cells) {
-            if (L->cached != blk || L->cached_epoch != P->epoch) {
-                if (load_block(s, reader, P, L, blk) != 0) return -1;
+            if (L->cached != L->p || L->cached_epoch != P->epoch) {
+                if (load_piece(s, reader, P, L, L->p) != 0) return -1;
             }
             size_t n = cells - L->off < need ? cells - L->off : need;
             for (size_t i = L->off; i < L->off + n; i++)
@@ -250,10 +301,10 @@ static int take(Stream *s, ShardReader *reader, const EpochPlan *P, LocalStream 
         if (L->off == cells) {
             L->p++;
             L->off = 0;
-            drop_block(L);
+            drop_piece(L);
         }
     }
-    if (s->cfg.block_cells <= s->cfg.micro_batch) drop_block(L);
+    if (s->cfg.block_cells <= s->cfg.micro_batch) drop_piece(L);
     return 0;
 }
 
@@ -334,7 +385,7 @@ static int cut_blocks(Stream *s, const Manifest *m) {
     size_t n_blocks = 0;
     for (size_t i = 0; i < m->n_shards; i++)
         n_blocks += ((size_t)m->shards[i].n_cells + bc - 1) / bc;
-    if (n_blocks >= NO_BLOCK)
+    if (n_blocks >= MAX_BLOCKS)
         return error_set("%s: %zu blocks, more than a stream handles; raise block_cells",
                          m->folder, n_blocks);
     s->n_blocks = n_blocks;
@@ -375,7 +426,7 @@ static int cut_blocks(Stream *s, const Manifest *m) {
 static void local_stream_init(LocalStream *L, size_t j, size_t block_cells) {
     memset(L, 0, sizeof *L);
     L->j = j;
-    L->cached = NO_BLOCK;
+    L->cached = SIZE_MAX;
     L->cached_epoch = -1;
     L->order = xmalloc(block_cells * sizeof *L->order);
     cellbatch_init(&L->cache);
@@ -403,8 +454,8 @@ Stream *stream_open(const Manifest *m, const StreamConfig *cfg, int rank, int si
         return NULL;
     }
     s->reader = shard_reader_open_manifest(m, SHARD_LAZY | (c.skip_file_crc ? 0 : SHARD_CHECK_CRC));
-    plan_init(&s->p_plan, s->n_blocks);
-    plan_init(&s->r_plan, s->n_blocks);
+    plan_init(&s->p_plan, s->n_blocks, s->k);
+    plan_init(&s->r_plan, s->n_blocks, s->k);
     s->ls = xcalloc(s->m, sizeof *s->ls);
     for (size_t l = 0; l < s->m; l++)
         local_stream_init(&s->ls[l], (size_t)rank + l * (size_t)size, c.block_cells);
