@@ -901,10 +901,38 @@ static void property_combo(const Manifest *m, Rng *r, int combo, size_t *n_runs)
     free(tindex);
 }
 
+// The remainder rule on its own (fine-tuning's epochs use it over their list
+// of training cells): R = n mod G items left out, one cyclic run, never the
+// same item in two consecutive epochs, and every item used in any two.
+static void check_left_out_rule(Rng *r) {
+    for (int trial = 0; trial < 300; trial++) {
+        int64_t n = 1 + (int64_t)rng_below(r, 500), G = 1 + (int64_t)rng_below(r, (uint64_t)n);
+        int64_t R = n % G, e0 = (int64_t)rng_below(r, 1000000);
+        uint8_t *prev = xcalloc((size_t)n, 1), *cur = xcalloc((size_t)n, 1);
+        for (int64_t e = e0; e < e0 + 4; e++) {
+            int64_t count = 0, runs = 0, both = 0;
+            for (int64_t i = 0; i < n; i++) cur[i] = (uint8_t)stream_is_left_out(n, G, e, i);
+            for (int64_t i = 0; i < n; i++) {
+                count += cur[i];
+                runs += cur[i] && !cur[(i + n - 1) % n];
+                both += e > e0 && cur[i] && prev[i];
+            }
+            T_CHECK(count == R && (R == 0 || runs == 1) && both == 0,
+                    "n %lld, G %lld, epoch %lld: %lld left out in %lld runs, %lld as before",
+                    (long long)n, (long long)G, (long long)e, (long long)count, (long long)runs,
+                    (long long)both);
+            memcpy(prev, cur, (size_t)n);
+        }
+        free(prev);
+        free(cur);
+    }
+}
+
 static int mode_epochs(int combos, uint64_t seed, char **dirs, int n_dirs) {
     Manifest *ms = xcalloc((size_t)n_dirs, sizeof *ms);
     for (int i = 0; i < n_dirs; i++) ms[i] = load_manifest(dirs[i]);
     Rng r = rng_init(seed, RNG_SHUFFLE, 99, 0, 0);
+    check_left_out_rule(&r);
     size_t runs = 0;
     for (int i = 0; i < combos; i++) {
         int before = t_failures;
