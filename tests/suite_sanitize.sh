@@ -57,6 +57,9 @@ export -f san_shards
 
 run sanitize.asan.shard_build_np2 600 bash -c 'd=$(san_shards) && test -f "$d/manifest.tsv"'
 run sanitize.asan.test_stream_unit 600 bash -c 'd=$(san_shards) && "$SAN_TBIN/test_stream" unit "$d"'
+# The epoch rule's property test, fewer combinations (unlabelled folders, pieces).
+run sanitize.asan.test_stream_epochs 600 bash -c \
+  'dirs=$(epoch_layouts $TEST_TMP) && "$SAN_TBIN/test_stream" epochs 24 7 $dirs'
 run sanitize.asan.inspect_verify 600 bash -c 'd=$(san_shards) && "$SAN_BIN/perfcell-inspect" "$d" --verify'
 run sanitize.asan.pretrain_np2 600 bash -c '
   d=$(san_shards) || exit 1

@@ -766,11 +766,12 @@ static void manifest_copy(Manifest *d, const Manifest *s) {
     d->label_key = xstrdup(s->label_key);
     d->labels = copy_strings(s->labels, s->n_labels);
     d->label_counts = xmalloc((s->n_labels ? s->n_labels : 1) * sizeof *d->label_counts);
-    memcpy(d->label_counts, s->label_counts, s->n_labels * sizeof *d->label_counts);
+    if (s->n_labels) memcpy(d->label_counts, s->label_counts, s->n_labels * sizeof *d->label_counts);
     d->datasets = copy_strings(s->datasets, s->n_datasets);
     d->dataset_paths = copy_strings(s->dataset_paths, s->n_datasets);
     d->dataset_cells = xmalloc((s->n_datasets ? s->n_datasets : 1) * sizeof *d->dataset_cells);
-    memcpy(d->dataset_cells, s->dataset_cells, s->n_datasets * sizeof *d->dataset_cells);
+    if (s->n_datasets)
+        memcpy(d->dataset_cells, s->dataset_cells, s->n_datasets * sizeof *d->dataset_cells);
     d->shards = xmalloc(s->n_shards * sizeof *d->shards);
     for (size_t i = 0; i < s->n_shards; i++) {
         d->shards[i] = s->shards[i];
