@@ -40,9 +40,9 @@
 //                      /vocab crc32=%08x
 //                      /labels n=N crc32=%08x            (when there are labels)
 //                    It covers every value a resume reads, the ones without a
-//                    CRC of their own included. Files written before it (and
-//                    by tools/scbert_interop.py) lack it: they are read, and
-//                    CkptState.sealed says so.
+//                    CRC of their own included (tools/scbert_interop.py
+//                    writes it too). Files written before it lack it: they
+//                    are read, and CkptState.sealed says so.
 //
 // String datasets are variable-length UTF-8 (h5py: .asstr()); the string
 // attributes of / are fixed-length UTF-8, so that they sit in the checksummed

@@ -1549,7 +1549,7 @@ static int read_root(Reader *r, CkptState *s) {
     if (vocab_hash_parse(buf, &s->vocab_hash) != 0)
         return rfail(r, "the vocabulary hash '%s' is not 16 hexadecimal digits", buf);
     if (attr_str(r, f, "/", "created", r->created, sizeof r->created) != 0) return -1;
-    // Files of perfcell before the root checksum (and of scbert_interop.py) lack it.
+    // Files of perfcell before the root checksum lack it.
     htri_t sealed = H5Aexists(f, "crc32");
     if (sealed < 0) return rfail_h5(r, "cannot look up the root attribute 'crc32'");
     r->sealed = sealed > 0;
