@@ -116,7 +116,7 @@ static int find_duplicate_key(const char *path) {
             snprintf(section, sizeof section, "%s", str_trim(s + 1));
             continue;
         }
-        char *eq = strpbrk(s, "=:");
+        char *eq = strchr(s, '='); // iniparser's only separator
         if (!eq) continue;
         *eq = '\0';
         char name[600];
