@@ -308,9 +308,10 @@ def geometry_resume():
 
 def optim_changed_resume():
     run_dir = copy_tree(fix("pre"), "run_lr")
+    # Two ranks: the list is printed by rank 0 only.
     out = run(pretrain_cmd("--resume", "auto", "data.shards=" + fix("shards"), "run.dir=" + run_dir,
                            "run.max_steps=3", "optim.lr=2e-3", "schedule.min_lr=1e-5", "optim.beta2=0.99",
-                           "schedule.kind=constant"))
+                           "schedule.kind=constant", np_=2))
     want = [r"optim\.lr = 1e-3 .* optim\.lr = 2e-3", r"optim\.beta2 = 0\.999 .* optim\.beta2 = 0\.99\b",
             r"schedule\.kind = cosine .* schedule\.kind = constant"]
     for w in want:
