@@ -728,6 +728,35 @@ def _compact_group(parent, name):
     return h5py.Group(gid)
 
 
+def root_checksum(c: CheckpointData, created: str) -> int:
+    """The root attribute crc32 of a checkpoint without optimizer state: the
+    CRC-32 of the lines include/perfcell/checkpoint.h lists."""
+    import struct
+
+    lines = [f"format={CKPT_FORMAT} format_version={CKPT_FORMAT_VERSION}",
+             f"kind={c.kind} step={c.step} epoch={c.epoch} seed={c.seed} vocab_hash={c.vocab_hash.lower()} "
+             f"created={created}"]
+    for i, (name, x) in enumerate(c.tensors.items()):
+        shape = "x".join(str(d) for d in x.shape)
+        lines.append(f"/model/{name} index={i} trainable={int(bool(c.trainable[name]))} "
+                     f"decay={int(bool(c.decay[name]))} shape={shape} crc32={crc32_f32(x):08x}")
+    lines.append("/optim 0")
+    m, e = c.projections[0].shape if c.projections else (0, 0)
+    lines.append(f"/buffers depth={len(c.projections)} shape={m}x{e}")
+    lines += [f"/buffers/{i} crc32={crc32_f32(p):08x}" for i, p in enumerate(c.projections)]
+    lines.append(f"/state redraw_index={c.redraw_index} feature_seed={c.feature_seed}")
+    for key in sorted(c.scalars):
+        bits = struct.unpack("<Q", struct.pack("<d", float(c.scalars[key])))[0]
+        lines.append(f"/state {key}={bits:016x}")
+    cursor = np.asarray(c.cursor if c.cursor is not None else np.zeros(0), dtype="<i8")
+    lines.append(f"/state/cursor n={cursor.size} crc32={crc32_bytes(cursor.tobytes()) if cursor.size else 0:08x}")
+    lines.append(f"/config crc32={crc32_strings([c.config]):08x}")
+    lines.append(f"/vocab crc32={crc32_strings([c.vocab]):08x}")
+    if c.labels:
+        lines.append(f"/labels n={len(c.labels)} crc32={crc32_strings(c.labels):08x}")
+    return crc32_bytes("".join(line + "\n" for line in lines).encode("utf-8"))
+
+
 def write_checkpoint(path: str, c: CheckpointData) -> None:
     """Write `c` to `path` atomically, checked with the reader's rules first."""
     import h5py
@@ -745,8 +774,9 @@ def write_checkpoint(path: str, c: CheckpointData) -> None:
             f.attrs.create("epoch", np.int64(c.epoch))
             f.attrs.create("seed", np.uint64(c.seed))
             _fixed_str_attr(f, "vocab_hash", c.vocab_hash)
-            _fixed_str_attr(f, "created", c.created or datetime.datetime.now(
-                datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+            created = c.created or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            _fixed_str_attr(f, "created", created)
+            f.attrs.create("crc32", np.uint32(root_checksum(c, created)))
             g = _compact_group(f, "model")
             for i, (name, x) in enumerate(c.tensors.items()):
                 _tensor_dataset(g, name, x, (i, c.trainable[name], c.decay[name]))

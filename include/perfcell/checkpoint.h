@@ -22,6 +22,27 @@
 //   /config          a scalar string dataset: the resolved configuration (INI text)
 //   /vocab           a scalar string dataset: the vocabulary TSV text
 //   /labels          (optional) 1-D string dataset: label names of a classifier
+//   / attr crc32     the root checksum: CRC-32 of the text of these lines, each
+//                    ended by '\n' (%08x: a CRC-32 in lower-case hex; shapes
+//                    "A" or "AxB"; tensors in index order, moments in table
+//                    order, scalars in name order by their IEEE-754 bits):
+//                      format=perfcell-checkpoint format_version=1
+//                      kind=K step=S epoch=E seed=N vocab_hash=H created=C
+//                      /model/NAME index=I trainable=0|1 decay=0|1 shape=A[xB] crc32=%08x
+//                      /optim 0|1
+//                      /optim/exp_avg/NAME crc32=%08x    (then every exp_avg_sq)
+//                      /buffers depth=D shape=MxE
+//                      /buffers/L crc32=%08x
+//                      /state redraw_index=R feature_seed=F
+//                      /state KEY=%016x
+//                      /state/cursor n=N crc32=%08x
+//                      /config crc32=%08x
+//                      /vocab crc32=%08x
+//                      /labels n=N crc32=%08x            (when there are labels)
+//                    It covers every value a resume reads, the ones without a
+//                    CRC of their own included (tools/scbert_interop.py
+//                    writes it too). Files written before it lack it: they
+//                    are read, and CkptState.sealed says so.
 //
 // String datasets are variable-length UTF-8 (h5py: .asstr()); the string
 // attributes of / are fixed-length UTF-8, so that they sit in the checksummed
@@ -83,6 +104,8 @@ typedef struct {
                                // keys: printable ASCII without spaces or '/', < 64
                                // bytes, unique, not "redraw_index" or "feature_seed"
     size_t n_scalars;
+    int sealed;                // ckpt_read: 1 when the file had a root checksum (it
+                               // matched), 0 for a file written before root checksums
 } CkptState;
 
 // Write `dir`/ckpt-<step:08d>.h5 atomically (created as
@@ -100,7 +123,8 @@ typedef struct {
 int ckpt_write(const char *dir, const CkptState *s, int keep);
 
 // Read a checkpoint file: checks the format, every tensor's shape against its
-// table entry and its CRC. Returns 0 or -1 with error_set() naming the file
+// table entry, its CRC and that it holds finite numbers only, and the root
+// checksum (when the file has one). Returns 0 or -1 with error_set() naming the file
 // and the fault (then *s is left zeroed). s->table is rebuilt in the file's
 // order (same offsets as the writer's table; init fields are INIT_ZEROS);
 // exp_avg/exp_avg_sq are NULL when the file has no optimizer state, else zero
@@ -109,7 +133,8 @@ int ckpt_read(const char *path, CkptState *s);
 // Free what ckpt_read() allocated (not for states that point at live buffers).
 void ckpt_state_free(CkptState *s);
 
-// Full read of `path` with every CRC checked, the result discarded.
+// Full read of `path` with every CRC checked, the result discarded. Faults in
+// the file are reported as "corrupt checkpoint 'PATH': what failed".
 // Returns 0 or -1 with error_set().
 int ckpt_verify(const char *path);
 

@@ -17,6 +17,7 @@
 #include <fcntl.h>
 #include <hdf5.h>
 #include <inttypes.h>
+#include <math.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdlib.h>
@@ -92,6 +93,92 @@ static const char *shape_str(int ndim, const size_t *shape, char buf[64]) {
 static uint32_t crc_strings(const char *const *v, size_t n) {
     uint32_t crc = 0;
     for (size_t i = 0; i < n; i++) crc = hash_crc32(crc, v[i], strlen(v[i]) + 1);
+    return crc;
+}
+
+// ---------------------------------------------------------------------------
+// The root checksum
+//
+// Tensors, the cursor and the string datasets carry their own CRC-32, but the
+// numbers a resume depends on besides them (step, epoch, seed, kind, the
+// /state attributes, each tensor's index and flags, which groups exist) have
+// none: h5py rewrites an attribute and HDF5 recomputes its object header's
+// checksum. The root attribute crc32 covers all of it: the CRC-32 of a text
+// of one line per value, which holds the CRC-32 of every dataset, so that it
+// covers the data too (see checkpoint.h for the lines).
+
+static void digest_line(uint32_t *crc, const char *fmt, ...) PC_PRINTF(2, 3);
+static void digest_line(uint32_t *crc, const char *fmt, ...) {
+    char line[OBJ_NAME_MAX + 256];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    size_t len = n < 0 ? 0 : (size_t)n < sizeof line ? (size_t)n : sizeof line - 1;
+    *crc = hash_crc32(*crc, line, len);
+}
+
+static uint32_t crc_floats(const float *x, size_t n) { return hash_crc32(0, x, n * sizeof *x); }
+
+static int scalar_by_key(const void *a, const void *b) {
+    const CkptScalar *const *x = a, *const *y = b;
+    return strcmp((*x)->key, (*y)->key);
+}
+
+static void digest_shape(char buf[64], const ParamEntry *e) {
+    if (e->ndim == 2)
+        snprintf(buf, 64, "%zux%zu", e->shape[0], e->shape[1]);
+    else
+        snprintf(buf, 64, "%zu", e->shape[0]);
+}
+
+// The root checksum of a full state; `created` is the root attribute of that name.
+static uint32_t state_digest(const CkptState *s, const char *created) {
+    uint32_t crc = 0;
+    char hash[17], shape[64];
+    vocab_hash_format(s->vocab_hash, hash);
+    digest_line(&crc, "format=%s format_version=%d\n", CKPT_FORMAT, CKPT_FORMAT_VERSION);
+    digest_line(&crc, "kind=%s step=%" PRId64 " epoch=%" PRId64 " seed=%" PRIu64 " vocab_hash=%s created=%s\n",
+                s->kind, s->step, s->epoch, s->seed, hash, created);
+    for (size_t i = 0; i < s->table.n; i++) {
+        const ParamEntry *e = &s->table.e[i];
+        digest_shape(shape, e);
+        digest_line(&crc, "/model/%s index=%zu trainable=%d decay=%d shape=%s crc32=%08" PRIx32 "\n", e->name, i,
+                    e->trainable != 0, e->decay != 0, shape, crc_floats(s->params + e->offset, e->size));
+    }
+    digest_line(&crc, "/optim %d\n", s->exp_avg != NULL);
+    for (int k = 0; k < 2 && s->exp_avg; k++) {
+        const float *m = k == 0 ? s->exp_avg : s->exp_avg_sq;
+        for (size_t i = 0; i < s->table.n; i++) {
+            const ParamEntry *e = &s->table.e[i];
+            if (e->trainable)
+                digest_line(&crc, "/optim/%s/%s crc32=%08" PRIx32 "\n", k == 0 ? "exp_avg" : "exp_avg_sq", e->name,
+                            crc_floats(m + e->offset, e->size));
+        }
+    }
+    size_t per = s->n_features * s->dim_head;
+    digest_line(&crc, "/buffers depth=%zu shape=%zux%zu\n", s->depth, s->n_features, s->dim_head);
+    for (size_t l = 0; l < s->depth; l++)
+        digest_line(&crc, "/buffers/%zu crc32=%08" PRIx32 "\n", l, crc_floats(s->proj + l * per, per));
+    digest_line(&crc, "/state " STATE_REDRAW "=%" PRId64 " " STATE_FEATURE_SEED "=%" PRIu64 "\n", s->redraw_index,
+                s->feature_seed);
+    const CkptScalar **sc = xcalloc(s->n_scalars ? s->n_scalars : 1, sizeof *sc);
+    for (size_t i = 0; i < s->n_scalars; i++) sc[i] = &s->scalars[i];
+    if (s->n_scalars > 1) qsort(sc, s->n_scalars, sizeof *sc, scalar_by_key);
+    for (size_t i = 0; i < s->n_scalars; i++) {
+        uint64_t bits;
+        memcpy(&bits, &sc[i]->value, sizeof bits);
+        digest_line(&crc, "/state %s=%016" PRIx64 "\n", sc[i]->key, bits);
+    }
+    free(sc);
+    digest_line(&crc, "/state/cursor n=%zu crc32=%08" PRIx32 "\n", s->cursor_len,
+                s->cursor_len ? hash_crc32(0, s->cursor, s->cursor_len * sizeof *s->cursor) : 0u);
+    const char *config = s->config_ini ? s->config_ini : "", *vocab = s->vocab_tsv ? s->vocab_tsv : "";
+    digest_line(&crc, "/config crc32=%08" PRIx32 "\n", crc_strings(&config, 1));
+    digest_line(&crc, "/vocab crc32=%08" PRIx32 "\n", crc_strings(&vocab, 1));
+    if (s->n_labels > 0)
+        digest_line(&crc, "/labels n=%zu crc32=%08" PRIx32 "\n", s->n_labels,
+                    crc_strings((const char *const *)s->labels, s->n_labels));
     return crc;
 }
 
@@ -352,13 +439,9 @@ static hid_t group_put(hid_t loc, const char *path, const char *name) {
     return g;
 }
 
-static int write_root_attrs(hid_t file, const char *path, const CkptState *s) {
-    char hash[17], created[40];
+static int write_root_attrs(hid_t file, const char *path, const CkptState *s, const char *created) {
+    char hash[17];
     vocab_hash_format(s->vocab_hash, hash);
-    time_t now = time(NULL);
-    struct tm tm;
-    gmtime_r(&now, &tm);
-    strftime(created, sizeof created, "%Y-%m-%dT%H:%M:%SZ", &tm);
     if (attr_put_str(file, path, "/", "format", CKPT_FORMAT) != 0 ||
         attr_put_i64(file, path, "/", "format_version", CKPT_FORMAT_VERSION) != 0 ||
         attr_put_str(file, path, "/", "kind", s->kind) != 0 ||
@@ -366,7 +449,8 @@ static int write_root_attrs(hid_t file, const char *path, const CkptState *s) {
         attr_put_i64(file, path, "/", "epoch", s->epoch) != 0 ||
         attr_put_u64(file, path, "/", "seed", s->seed) != 0 ||
         attr_put_str(file, path, "/", "vocab_hash", hash) != 0 ||
-        attr_put_str(file, path, "/", "created", created) != 0)
+        attr_put_str(file, path, "/", "created", created) != 0 ||
+        attr_put_crc(file, path, "/", state_digest(s, created)) != 0)
         return -1;
     return 0;
 }
@@ -470,7 +554,12 @@ static void *build_image(const char *path, const CkptState *s, size_t *len) {
     }
     const char *config = s->config_ini ? s->config_ini : "";
     const char *vocab = s->vocab_tsv ? s->vocab_tsv : "";
-    if (write_root_attrs(file, path, s) != 0 || write_model(file, path, s) != 0 ||
+    char created[40];
+    time_t now = time(NULL);
+    struct tm tm;
+    gmtime_r(&now, &tm);
+    strftime(created, sizeof created, "%Y-%m-%dT%H:%M:%SZ", &tm);
+    if (write_root_attrs(file, path, s, created) != 0 || write_model(file, path, s) != 0 ||
         (s->exp_avg && write_optim(file, path, s) != 0) || write_buffers(file, path, s) != 0 ||
         write_state(file, path, s) != 0 || strings_put(file, path, "config", &config, 1, 1) != 0 ||
         strings_put(file, path, "vocab", &vocab, 1, 1) != 0 ||
@@ -644,6 +733,8 @@ typedef struct {
     int64_t file_size;
     int data; // read the arrays and check their CRCs (0: structure and sizes)
     int has_optim;
+    int sealed;        // the root has a crc32 attribute (root_crc)
+    uint32_t root_crc;
     char created[40];
     size_t sizeof_addr, sizeof_size; // of the file's addresses and lengths
     uint64_t heap_addr;              // the global heap collection last read
@@ -658,7 +749,7 @@ static int rfail(const Reader *r, const char *fmt, ...) {
     va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    return error_set("checkpoint '%s': %s", r->path, msg);
+    return error_set("corrupt checkpoint '%s': %s", r->path, msg);
 }
 
 static int rfail_h5(const Reader *r, const char *fmt, ...) PC_PRINTF(2, 3);
@@ -668,7 +759,7 @@ static int rfail_h5(const Reader *r, const char *fmt, ...) {
     va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    return error_set_h5("checkpoint '%s': %s", r->path, msg);
+    return error_set_h5("corrupt checkpoint '%s': %s", r->path, msg);
 }
 
 // Claim `bytes` of the file for an array or strings: the sum of all of them
@@ -945,7 +1036,20 @@ static int tensor_read(const Reader *r, hid_t d, const char *objname, const Tens
     if (crc != ti->crc)
         return rfail(r, "tensor '%s' is corrupt: CRC-32 %08" PRIx32 ", stored %08" PRIx32, objname, crc,
                      ti->crc);
-    return 0;
+    // A NaN or an infinity passes the CRC when it was written (a diverged
+    // run, an edited file) and poisons every output: refuse the tensor.
+    const size_t n = ti->shape[0] * ti->shape[1];
+    size_t bad = 0, first = 0;
+    for (size_t i = 0; i < n; i++)
+        if (!isfinite(dst[i]) && bad++ == 0) first = i;
+    if (bad == 0) return 0;
+    char at[64];
+    if (ti->ndim == 2)
+        snprintf(at, sizeof at, "[%zu, %zu]", first / ti->shape[1], first % ti->shape[1]);
+    else
+        snprintf(at, sizeof at, "[%zu]", first);
+    return rfail(r, "tensor '%s' holds %zu non-finite value%s of %zu (the first at %s: %g)", objname, bad,
+                 bad == 1 ? "" : "s", n, at, (double)dst[first]);
 }
 
 typedef struct {
@@ -1421,7 +1525,9 @@ static int read_root(Reader *r, CkptState *s) {
     hid_t f = r->file;
     char buf[64];
     htri_t e = H5Aexists(f, "format");
-    if (e < 0) return rfail_h5(r, "cannot read the root attributes");
+    if (e < 0)
+        return rfail_h5(r, "the root group's attributes cannot be read (its object header is damaged: "
+                           "HDF5 checks it against its checksum)");
     if (e == 0) return rfail(r, "not a perfcell checkpoint (no 'format' attribute on the root group)");
     if (attr_str(r, f, "/", "format", buf, sizeof buf) != 0) return -1;
     if (strcmp(buf, CKPT_FORMAT) != 0)
@@ -1442,7 +1548,24 @@ static int read_root(Reader *r, CkptState *s) {
     if (attr_str(r, f, "/", "vocab_hash", buf, sizeof buf) != 0) return -1;
     if (vocab_hash_parse(buf, &s->vocab_hash) != 0)
         return rfail(r, "the vocabulary hash '%s' is not 16 hexadecimal digits", buf);
-    return attr_str(r, f, "/", "created", r->created, sizeof r->created);
+    if (attr_str(r, f, "/", "created", r->created, sizeof r->created) != 0) return -1;
+    // Files of perfcell before the root checksum lack it.
+    htri_t sealed = H5Aexists(f, "crc32");
+    if (sealed < 0) return rfail_h5(r, "cannot look up the root attribute 'crc32'");
+    r->sealed = sealed > 0;
+    return r->sealed ? attr_crc(r, f, "/", &r->root_crc) : 0;
+}
+
+// The root checksum against everything read (data read).
+static int check_root_crc(const Reader *r, const CkptState *s) {
+    if (!r->sealed) return 0;
+    uint32_t have = state_digest(s, r->created);
+    if (have == r->root_crc) return 0;
+    return rfail(r,
+                 "the root checksum does not match (CRC-32 %08" PRIx32 ", stored %08" PRIx32 "): a value "
+                 "without a checksum of its own (the step, epoch, seed or kind, an attribute of /state or "
+                 "of a tensor) was changed or damaged",
+                 have, r->root_crc);
 }
 
 // Everything below the root, once the file is open (h5_lock held).
@@ -1456,6 +1579,12 @@ static int read_all(Reader *r, CkptState *s) {
     if (g < 0) return -1;
     H5Dclose(g);
     return read_strings(r, "labels", 0, &s->labels, &s->n_labels);
+}
+
+static int read_checked(Reader *r, CkptState *s) {
+    if (read_all(r, s) != 0) return -1;
+    s->sealed = r->sealed;
+    return r->data ? check_root_crc(r, s) : 0;
 }
 
 // The file starts with the HDF5 signature and a superblock of version 2 or
@@ -1518,7 +1647,7 @@ static int ckpt_load(const char *path, CkptState *s, int data, Reader *r) {
               (unsigned long long)userblock, r->sizeof_addr, r->sizeof_size);
         goto cleanup;
     }
-    rc = read_all(r, s);
+    rc = read_checked(r, s);
 cleanup:
     if (r->file >= 0) H5Fclose(r->file);
     if (fcpl >= 0) H5Pclose(fcpl);
@@ -1597,6 +1726,11 @@ int ckpt_summary(const char *path, FILE *out) {
     fprintf(out, "tensors      %zu (%zu frozen), %zu parameters (%zu trainable)\n", s.table.n, n_frozen,
             n_params, n_trainable);
     fprintf(out, "optimizer    %s\n", r.has_optim ? "Adam moments present" : "no optimizer state");
+    if (r.sealed)
+        fprintf(out, "checksum     root crc32 %08" PRIx32 "\n", r.root_crc);
+    else
+        fprintf(out, "checksum     none on the root (written before root checksums): step, cursor and "
+                     "the other attributes are not covered\n");
     if (s.depth > 0) {
         size_t shp[2] = {s.n_features, s.dim_head};
         fprintf(out, "projections  %zu layers x %s, redraw index %" PRId64 ", feature seed %" PRIu64 "\n",

@@ -87,6 +87,60 @@ static int find_line(const char *path, const char *section, const char *key) {
     return found;
 }
 
+// A key given twice in the file (in one [section], or in two sections of the
+// same name): iniparser keeps the last silently, so we read the lines
+// ourselves. Keys and sections compare without case, as iniparser's do;
+// continued lines (a trailing backslash) are skipped. Returns 0, or -1 with
+// error_set() naming both lines.
+static int find_duplicate_key(const char *path) {
+    FILE *f = fopen(path, "r");
+    if (!f) return 0;
+    typedef struct {
+        char *name; // "section:key", lower case
+        int line;
+    } Seen;
+    Seen *seen = NULL;
+    size_t n = 0, cap = 0;
+    char line[1100], section[256] = "";
+    int no = 0, rc = 0, continued = 0;
+    while (rc == 0 && fgets(line, sizeof line, f)) {
+        no++;
+        char *s = str_trim(line);
+        int was_continued = continued;
+        size_t len = strlen(s);
+        continued = len > 0 && s[len - 1] == '\\';
+        if (was_continued || *s == '\0' || *s == ';' || *s == '#') continue;
+        if (*s == '[') {
+            char *e = strchr(s, ']');
+            if (e) *e = '\0';
+            snprintf(section, sizeof section, "%s", str_trim(s + 1));
+            continue;
+        }
+        char *eq = strchr(s, '='); // iniparser's only separator
+        if (!eq) continue;
+        *eq = '\0';
+        char name[600];
+        snprintf(name, sizeof name, "%s:%s", section, str_trim(s));
+        for (char *p = name; *p; p++)
+            if (*p >= 'A' && *p <= 'Z') *p = (char)(*p - 'A' + 'a');
+        for (size_t i = 0; i < n && rc == 0; i++) {
+            if (strcmp(seen[i].name, name) != 0) continue;
+            char *colon = strchr(name, ':');
+            *colon = '.';
+            rc = error_set("%s: key '%s' is given twice, at %s:%d and at %s:%d", path, name, path,
+                           seen[i].line, path, no);
+            error_set_hint("keep one of the two lines");
+        }
+        if (n == cap) seen = xrealloc(seen, (cap = cap ? 2 * cap : 64) * sizeof *seen);
+        seen[n].name = xstrdup(name);
+        seen[n++].line = no;
+    }
+    fclose(f);
+    for (size_t i = 0; i < n; i++) free(seen[i].name);
+    free(seen);
+    return rc;
+}
+
 static int where(char *buf, size_t len, const Config *c, const char *name, int from_override) {
     if (from_override) return snprintf(buf, len, "command-line override '%s'", name);
     char sec[128];
@@ -201,6 +255,10 @@ Config *config_load(const char *path, const ConfigKey *schema, size_t n_schema,
             error_set("config '%s' is not a valid INI file: %s", path, *msg ? msg : "parse error");
             goto fail;
         }
+        if (find_duplicate_key(path) != 0) {
+            iniparser_freedict(d);
+            goto fail;
+        }
         for (ssize_t j = 0; j < d->size; j++) {
             if (!d->key[j] || !d->val[j]) continue; // empty slot or a section line
             const char *key = d->key[j];
@@ -254,6 +312,19 @@ Config *config_load(const char *path, const ConfigKey *schema, size_t n_schema,
                           overrides[o], near);
             else
                 error_set("unknown key '%s' in override '%s'", name, overrides[o]);
+            goto fail;
+        }
+        // The same key twice on the command line with two values: which one
+        // was meant is unclear (overriding a key of the file is what
+        // overrides are for; repeating a value is harmless).
+        for (size_t p = 0; p < o; p++) {
+            const char *peq = strchr(overrides[p], '=');
+            if (!peq || (size_t)(peq - overrides[p]) != strlen(name) ||
+                strncasecmp(overrides[p], name, strlen(name)) != 0 || strcmp(peq + 1, eq + 1) == 0)
+                continue;
+            error_set("key '%s' is given twice on the command line with different values: '%s' and '%s'",
+                      name, overrides[p], overrides[o]);
+            error_set_hint("give %s once", name);
             goto fail;
         }
         set_value(c, (size_t)i, eq + 1);

@@ -32,12 +32,24 @@ static char *text_to_tmp(const char *text, const char *what) {
     return xstrdup(tmpl);
 }
 
+// error_set("PATH: WHAT: <the last error>"); the last error is copied first
+// (error_set writes the buffer it lives in).
+static int error_wrap_path(const char *path, const char *what) {
+    char last[1024];
+    snprintf(last, sizeof last, "%s", error_last());
+    return error_set("%s: %s: %s", path, what, last);
+}
+
 int infer_model_open(InferModel *im, const char *spec, int need_cls) {
     memset(im, 0, sizeof *im);
     vocab_init(&im->vocab);
     im->path = path_is_dir(spec) ? ckpt_resolve(spec, "auto") : xstrdup(spec);
     if (!im->path) return -1;
     if (ckpt_read(im->path, &im->ck) != 0) return -1;
+    if (!im->ck.sealed)
+        log_warn("%s has no root checksum (written before perfcell had them); its tensors' CRC-32 were "
+                 "checked",
+                 im->path);
     if (!im->ck.config_ini || !im->ck.vocab_tsv)
         return error_set("%s holds no configuration or vocabulary", im->path);
     char *cpath = text_to_tmp(im->ck.config_ini, "configuration");
@@ -45,13 +57,13 @@ int infer_model_open(InferModel *im, const char *spec, int need_cls) {
     im->cfg = config_load(cpath, TRAIN_SCHEMA, TRAIN_SCHEMA_LEN, NULL, 0);
     unlink(cpath);
     free(cpath);
-    if (!im->cfg) return error_set("%s: stored configuration: %s", im->path, error_last());
+    if (!im->cfg) return error_wrap_path(im->path, "stored configuration");
     char *vpath = text_to_tmp(im->ck.vocab_tsv, "vocabulary");
     if (!vpath) return -1;
     int vrc = vocab_load(&im->vocab, vpath);
     unlink(vpath);
     free(vpath);
-    if (vrc != 0) return error_set("%s: stored vocabulary: %s", im->path, error_last());
+    if (vrc != 0) return error_wrap_path(im->path, "stored vocabulary");
     if (vocab_hash(&im->vocab) != im->ck.vocab_hash)
         return error_set("%s: the stored vocabulary does not match its hash", im->path);
     if (train_model_config(im->cfg, im->vocab.n, &im->mc) != 0) return -1;
@@ -140,6 +152,12 @@ int cell_source_open(CellSource *s, const char *path, const Vocab *v, uint64_t v
     }
     InputOptions opt = {.layer = layer, .use_raw = use_raw, .label_key = label_key};
     s->input = input_open(path, &opt);
+    if (!s->input && label_key && error_last_hint() && strstr(error_last_hint(), "--labels"))
+        // The input reader's hint is perfcell-shard's (--labels FILE); predict
+        // and embed take labels from an obs column only.
+        return error_set_hint("--label-key names an obs column of an .h5ad input (or leave --label-key "
+                              "out to run without labels); labels from a barcode<TAB>label file come with "
+                              "a shard folder built with them (perfcell-shard build), given as --input");
     if (!s->input) return -1;
     Input *in = s->input;
     s->n_cells = (int64_t)in->n_cells;

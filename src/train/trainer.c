@@ -348,6 +348,38 @@ static const char *const RESUME_KEYS[] = {
     "contrastive.proj_hidden", "contrastive.pooling", "data.val_fraction", "data.split_seed",
     "data.block_cells"};
 
+// The data stream's cursor (and fine-tuning's position in an epoch) counts
+// steps of this batch geometry: it cannot be continued with another one.
+static int compare_geometry(const char *ckpt_path, const Config *old, const Config *now) {
+    if (config_int(old, "batch.global_batch") == config_int(now, "batch.global_batch") &&
+        config_int(old, "batch.micro_batch") == config_int(now, "batch.micro_batch"))
+        return 0;
+    error_set("%s was written with batch.micro_batch = %ld, batch.global_batch = %ld; this run has "
+              "batch.micro_batch = %ld, batch.global_batch = %ld: its data position cannot be continued "
+              "with another batch geometry",
+              ckpt_path, config_int(old, "batch.micro_batch"), config_int(old, "batch.global_batch"),
+              config_int(now, "batch.micro_batch"), config_int(now, "batch.global_batch"));
+    return error_set_hint("resume with batch.micro_batch=%ld batch.global_batch=%ld, or start a new run.dir",
+                          config_int(old, "batch.micro_batch"), config_int(old, "batch.global_batch"));
+}
+
+// Optimizer and schedule settings may change on resume (a lower learning
+// rate for the rest of a run), but never silently: one line per key that
+// differs, on rank 0 (the caller's), numbers compared by value.
+static void report_changed_settings(const char *ckpt_path, const Config *old, const Config *now) {
+    for (size_t i = 0; i < TRAIN_SCHEMA_LEN; i++) {
+        const ConfigKey *k = &TRAIN_SCHEMA[i];
+        if (strncmp(k->name, "optim.", 6) != 0 && strncmp(k->name, "schedule.", 9) != 0) continue;
+        const char *a = config_str(old, k->name), *b = config_str(now, k->name);
+        int same = k->type == CFG_INT || k->type == CFG_FLOAT
+                       ? config_float(old, k->name) == config_float(now, k->name)
+                       : strcmp(a, b) == 0;
+        if (!same)
+            log_warn("resume: %s = %s in the configuration of %s, %s = %s now: the run continues with %s",
+                     k->name, a, ckpt_path, k->name, b, b);
+    }
+}
+
 // Compare the checkpoint's configuration with the current one.
 static int compare_configs(const Trainer *t, const char *ckpt_path, const char *ini) {
     char tmpl[] = "/tmp/perfcell-ckpt-config-XXXXXX";
@@ -366,6 +398,8 @@ static int compare_configs(const Trainer *t, const char *ckpt_path, const char *
             rc = error_set("%s was trained with %s = %s, the configuration says %s", ckpt_path, k,
                            config_str(old, k), config_str(t->cfg, k));
     }
+    if (rc == 0) rc = compare_geometry(ckpt_path, old, t->cfg);
+    if (rc == 0) report_changed_settings(ckpt_path, old, t->cfg);
     config_free(old);
     return rc;
 }
@@ -397,7 +431,15 @@ int trainer_resume(Trainer *t, const char *spec, CkptState *out) {
                 }
             }
         }
-        if (ok && found) ok = ckpt_read(path, &s) == 0;
+        if (ok && found && ckpt_read(path, &s) != 0) {
+            ok = 0;
+            error_set_hint("resume from an earlier checkpoint of the run (--resume auto takes the newest "
+                           "that reads back), or start a new run.dir");
+        }
+        if (ok && found && !s.sealed)
+            log_warn("%s has no root checksum (written before perfcell had them): its step, cursor and "
+                     "other attributes are taken as they are",
+                     path);
         if (ok && found) {
             char a[17], b[17];
             vocab_hash_format(s.vocab_hash, a);

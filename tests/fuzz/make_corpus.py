@@ -206,6 +206,10 @@ def tool_seeds(bindir, data, w):
          "model.ff_dim=16", "model.nb_features=8", "finetune.hidden=8"], env=env, stdout=subprocess.DEVNULL)
     best = sorted(glob.glob(os.path.join(ft, "best", "*.h5")))
     put("checkpoint", "finetune_best.h5", best[0])
+    # A checkpoint of the format before the root checksum, as perfcell wrote it
+    # (tests/data/README.md): the reader still takes these.
+    put("checkpoint", "pretrain_step2_before_root_crc.h5",
+        os.path.join(ROOT, "tests", "data", "ckpt_before_root_crc.h5"))
 
 
 def config_seeds():
