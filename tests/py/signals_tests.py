@@ -93,11 +93,19 @@ EXTRA = [f"run.max_steps={STEPS}", "checkpoint.every_steps=4", "checkpoint.keep=
          "run.log_every=1", "run.val_every=0"]
 
 
-def reference():
+def run_local(run_dir, resume=False):
+    """pretrain on 2 ranks through mpi_scripts/run_local.sh, which may choose
+    other OpenBLAS kernels than a bare mpirun (so its runs are compared among
+    themselves)."""
+    return pm.run(["bash", os.path.join(ROOT, "mpi_scripts", "run_local.sh"), "2"] + perfcell_args(run_dir) +
+                  (["--resume", "auto"] if resume else []))
+
+
+def reference(launcher=None):
     """The uninterrupted run's final parameters (computed once per test)."""
     d = os.path.join(TMP, "reference")
     if not os.path.exists(pm.final_ckpt(d, STEPS)):
-        r = pm.pretrain(2, d, EXTRA)
+        r = run_local(d) if launcher == "run_local" else pm.pretrain(2, d, EXTRA)
         assert r.returncode == 0, r.stderr
     return pm.params(pm.final_ckpt(d, STEPS))
 
@@ -155,8 +163,8 @@ def no_process_left(run_dir, what):
         os.kill(pid, signal.SIGKILL)
 
 
-def resume_bitwise(run_dir, ref, step, what):
-    r = pm.pretrain(2, run_dir, EXTRA, resume=True)
+def resume_bitwise(run_dir, ref, step, what, launcher=None):
+    r = run_local(run_dir, resume=True) if launcher == "run_local" else pm.pretrain(2, run_dir, EXTRA, resume=True)
     check(r.returncode == 0 and f"at step {step}" in r.stdout,
           f"{what}: --resume auto continues from step {step} ({(r.stdout + r.stderr).strip()[-300:]})")
     if r.returncode == 0:
@@ -301,7 +309,7 @@ def launcher_cmd(name, run_dir):
 
 
 def test_launcher(name):
-    ref = reference()
+    ref = reference(name)
     d = os.path.join(TMP, f"launcher-{name}")
     cmd, env = launcher_cmd(name, d)
     # The launcher leads a process group of its own, as a batch job or a
@@ -330,7 +338,7 @@ def test_launcher(name):
     if rc != 0 or k is None:
         print(log[-3000:])
         return
-    resume_bitwise(d, ref, k, name)
+    resume_bitwise(d, ref, k, name, name)
 
 
 # ---------------------------------------------------------------------------
