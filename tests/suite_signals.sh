@@ -7,3 +7,5 @@ run signals.sigterm_slurm_script 600 "$PYTHON" tests/py/signals_tests.py launche
 run signals.sigterm_pbs_script 600 "$PYTHON" tests/py/signals_tests.py launcher pbs
 run signals.sigterm_bare_mpirun 600 "$PYTHON" tests/py/signals_tests.py bare_mpirun
 run signals.sigterm_one_rank 600 "$PYTHON" tests/py/signals_tests.py rank_term
+run signals.tcp_ranks_equal 600 env PERFCELL_MPI_TRANSPORT=tcp "$PYTHON" tests/py/pretrain_mpi.py ranks
+run signals.tcp_kill9_resume 600 env PERFCELL_MPI_TRANSPORT=tcp KILL_TRIALS=4 "$PYTHON" tests/py/pretrain_mpi.py kill
