@@ -598,9 +598,25 @@ double trainer_optimizer_step(Trainer *t, int local_bad, double *lr_out) {
 
 static volatile sig_atomic_t g_stop_signal = 0;
 
-static void on_stop_signal(int sig) { g_stop_signal = sig; }
+// Said at once (async-signal-safe write), so that a log ends with the cause
+// even when the rank is killed before the next step boundary: mpirun kills
+// its ranks about 2 s after a SIGTERM of its own.
+static char g_term_note[160], g_usr1_note[160];
+static size_t g_term_len, g_usr1_len;
+
+static void on_stop_signal(int sig) {
+    g_stop_signal = sig;
+    const char *note = sig == SIGTERM ? g_term_note : g_usr1_note;
+    size_t len = sig == SIGTERM ? g_term_len : g_usr1_len;
+    if (write(STDERR_FILENO, note, len) < 0) return;
+}
 
 void trainer_install_signals(void) {
+    int rank = 0;
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    const char *fmt = "[rank %d] %s received: stopping with a checkpoint after this step\n";
+    g_term_len = (size_t)snprintf(g_term_note, sizeof g_term_note, fmt, rank, "SIGTERM");
+    g_usr1_len = (size_t)snprintf(g_usr1_note, sizeof g_usr1_note, fmt, rank, "SIGUSR1");
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_stop_signal;

@@ -16,10 +16,11 @@
                                     --resume auto ends bitwise where an uninterrupted run ends
     signals_tests.py bare_mpirun    SIGTERM to a bare mpirun during a slowed checkpoint
                                     write: what happens (printed for the README) and what
-                                    must hold: exit non-zero within seconds, no process
-                                    left, the checkpoint being written never visible, the
-                                    previous one intact, and --resume auto continues from
-                                    it (the stale temporary removed) bitwise
+                                    must hold: exit non-zero within seconds, the log saying
+                                    SIGTERM, no process left, the checkpoint being written
+                                    never visible, the previous one intact, and --resume
+                                    auto continues from it (the stale temporary removed)
+                                    bitwise
     signals_tests.py rank_term      SIGTERM to rank 1 only: the log names the signal and
                                     the rank (not run.max_minutes), stop checkpoint, exit
                                     0, --resume auto bitwise
@@ -361,6 +362,8 @@ def test_bare_mpirun():
     print(f"FACT bare mpirun + SIGTERM during a checkpoint write: exit status {rc} after {waited:.1f}s; "
           f"checkpoint folder {files}; last lines: {' | '.join(log.strip().splitlines()[-3:])[:400]}")
     check(rc not in (0, None) and waited < 30, f"bare mpirun: exits non-zero within seconds (rc {rc}, {waited:.1f}s)")
+    said = [ln.strip() for ln in log.splitlines() if "SIGTERM received" in ln]
+    check(said, f"bare mpirun: the log ends saying the ranks received SIGTERM ({' | '.join(said)})")
     no_process_left(d, "bare mpirun")
     check("ckpt-00000008.h5" not in files, "the checkpoint cut short is not visible under its name")
     check(pm.inspect_ok(os.path.join(ck, "ckpt-00000004.h5")), "the previous checkpoint (step 4) verifies")
