@@ -2,6 +2,7 @@
 # and the MPI runs over the TCP transport, as between hosts (pretrain_mpi.py
 # with PERFCELL_MPI_TRANSPORT=tcp).
 run signals.metrics_full_disk 600 "$PYTHON" tests/py/signals_tests.py metrics_full
+run signals.metrics_file_size_limit 600 "$PYTHON" tests/py/signals_tests.py metrics_fsize
 run signals.sigterm_run_local 600 "$PYTHON" tests/py/signals_tests.py launcher run_local
 run signals.sigterm_slurm_script 600 "$PYTHON" tests/py/signals_tests.py launcher slurm
 run signals.sigterm_pbs_script 600 "$PYTHON" tests/py/signals_tests.py launcher pbs

@@ -7,6 +7,7 @@
                                     the OS error, no checkpoint after the failure, and
                                     --resume auto (space freed) ends bitwise where an
                                     uninterrupted run ends
+    signals_tests.py metrics_fsize  the same with a file size limit (prlimit) on rank 0: EFBIG
     signals_tests.py launcher NAME  SIGTERM to the process group of a shipped launcher
                                     (run_local, slurm, pbs; the batch scripts as plain bash
                                     with the scheduler's variables and commands faked)
@@ -29,6 +30,7 @@ Environment (from tests/run.sh): BIN, DATA, TEST_TMP, MPIRUN. Exit code 0 = pass
 """
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -189,84 +191,105 @@ def test_metrics_full():
         if r.returncode != 0:
             pm.failures.append("metrics_full in its mount namespace")
         return
-    steps = 100
-    extra = [f"run.max_steps={steps}", "checkpoint.every_steps=40", "checkpoint.keep=2", "run.log_every=1",
-             "run.val_every=0"]
-    ref_dir = os.path.join(TMP, "full-ref")
-    r = pm.pretrain(2, ref_dir, extra)
-    check(r.returncode == 0, "uninterrupted reference run: exit 0")
-    ref = pm.params(pm.final_ckpt(ref_dir, steps))
-
-    # Room for the config, the metrics and three tiny checkpoints (2.7 MiB each).
     mnt = os.path.join(TMP, "full-mnt")
     os.makedirs(mnt, exist_ok=True)
+    # Room for the config, the metrics and three tiny checkpoints (2.7 MiB each).
     r = pm.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", mnt])
     if r.returncode != 0:
         check(False, f"mount a tmpfs: {r.stderr.strip()}")
         return
-    d = os.path.join(mnt, "run")
-    metrics = os.path.join(d, "metrics.jsonl")
     filler = os.path.join(mnt, "filler")
-    go = os.path.join(TMP, "filled")
-    # Rank 0 waits in the fsync of the checkpoint of step 40 while the tmpfs
-    # is filled to its last page; then one page is given back, for the
-    # checkpoint's pointer file. The metrics file's last page still has room
-    # for a few lines; the line that crosses it is the one cut, before step 80.
-    env = dict(os.environ, FSYNC_SHIM_SECONDS="120", FSYNC_SHIM_UNTIL=go, LD_PRELOAD=shim())
-    p = subprocess.Popen(pm.MPIRUN + ["-np", "2", pm.PERFCELL] + perfcell_args(d, extra), stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
-    out, seen = watch(p, lambda ln: ln.startswith("fsync-shim: slowing fsync of"))
-    filled = 0
-    if seen:
+
+    def fill(run_dir):
+        # To the last page; then one page back, for the checkpoint's pointer
+        # file. The metrics file's last page still has room for a few lines;
+        # the line that crosses it is the one cut.
         fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
+        filled = 0
         try:
             while True:
                 filled += os.write(fd, b"\0" * 4096)
         except OSError:
             pass
-        os.ftruncate(fd, filled - 4096)
+        os.ftruncate(fd, max(filled - 4096, 0))
         os.close(fd)
+        check(filled > 0, f"the tmpfs filled at step 40 ({filled} bytes of filler)")
+
+    metrics_fault(os.path.join(mnt, "run"), "full tmpfs", fill, "No space left on device", lambda: os.unlink(filler))
+    pm.run(["umount", mnt])
+
+
+def test_metrics_fsize():
+    def limit(run_dir):
+        # Rank 0 may write 3000 bytes more to a file than metrics.jsonl holds.
+        size = os.path.getsize(os.path.join(run_dir, "metrics.jsonl"))
+        ranks = [pid for pid in pm.perfcell_pids(run_dir) if rank_of(pid) == 0]
+        for pid in ranks:
+            resource.prlimit(pid, resource.RLIMIT_FSIZE, (size + 3000, size + 3000))
+        check(len(ranks) == 1, f"file size limit {size + 3000} set on rank 0")
+
+    metrics_fault(os.path.join(TMP, "fsize-run"), "file size limit", limit, "File too large", lambda: None)
+
+
+def metrics_fault(d, what, fault, errtext, undo):
+    """A run whose metrics writes start failing after step 40: fault(d) is
+    called while rank 0 waits in the fsync of the checkpoint of step 40;
+    undo() then lets a resumed run finish."""
+    steps = 100
+    extra = [f"run.max_steps={steps}", "checkpoint.every_steps=40", "checkpoint.keep=2", "run.log_every=1",
+             "run.val_every=0"]
+    ref_dir = os.path.join(TMP, "full-ref")
+    if not os.path.exists(pm.final_ckpt(ref_dir, steps)):
+        r = pm.pretrain(2, ref_dir, extra)
+        check(r.returncode == 0, "uninterrupted reference run: exit 0")
+    ref = pm.params(pm.final_ckpt(ref_dir, steps))
+    metrics = os.path.join(d, "metrics.jsonl")
+    go = os.path.join(TMP, f"go-{os.path.basename(d)}")
+    env = dict(os.environ, FSYNC_SHIM_SECONDS="120", FSYNC_SHIM_UNTIL=go, LD_PRELOAD=shim())
+    p = subprocess.Popen(pm.MPIRUN + ["-np", "2", pm.PERFCELL] + perfcell_args(d, extra), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    out, seen = watch(p, lambda ln: ln.startswith("fsync-shim: slowing fsync of"))
+    check(seen and ".ckpt-40.h5" in out[-1], f"{what}: rank 0 waits in the checkpoint of step 40")
+    if seen:
+        fault(d)
     with open(go, "w", encoding="utf-8"):
         pass
     rc, waited, log = finish(p, out, run_dir=d)
-    check(filled > 0, f"the tmpfs filled at step 40 ({filled} bytes of filler)")
-    check(rc == 1, f"full run folder: exit status 1 (rc {rc}, {waited:.1f}s after the fill)")
+    check(rc == 1, f"{what}: exit status 1 (rc {rc}, {waited:.1f}s after the fault)")
     cut = [ln for ln in log.splitlines() if "metrics.jsonl" in ln]
-    check(any("No space left on device" in ln for ln in cut),
-          f"the error names metrics.jsonl and the OS error ({' | '.join(cut)[:400]})")
-    check("cannot write checkpoint" not in log, "no checkpoint write was attempted after the metrics failure")
+    check(any(errtext in ln for ln in cut), f"{what}: the error names metrics.jsonl and the OS error "
+          f"({' | '.join(cut)[:400]})")
+    check("cannot write checkpoint" not in log, f"{what}: no checkpoint write was attempted after the failure")
     with open(metrics, "rb") as f:
         data = f.read()
-    lines = data.split(b"\n")
-    check(data.endswith(b"\n"), f"metrics.jsonl ends with a whole line ({data[-80:]!r})")
+    check(data.endswith(b"\n"), f"{what}: metrics.jsonl ends with a whole line ({data[-80:]!r})")
     try:
-        rows = [json.loads(x) for x in lines if x]
+        rows = [json.loads(x) for x in data.split(b"\n") if x]
     except ValueError as e:
         rows = []
-        check(False, f"every metrics line is JSON ({e})")
+        check(False, f"{what}: every metrics line is JSON ({e})")
     train = [x["step"] for x in rows if "loss" in x]
     check(train and train == list(range(1, train[-1] + 1)) and 40 <= train[-1] < 80,
-          f"metrics hold steps 1..{train[-1] if train else '?'} without a gap")
+          f"{what}: metrics hold steps 1..{train[-1] if train else '?'} without a gap")
     ck = os.path.join(d, "checkpoints")
     check(pm.ckpt_files(ck) == ["ckpt-00000040.h5", "latest"],
-          f"the checkpoint of step 40 and its pointer, nothing after ({pm.ckpt_files(ck)})")
-    no_process_left(d, "full run folder")
+          f"{what}: the checkpoint of step 40 and its pointer, nothing after ({pm.ckpt_files(ck)})")
+    no_process_left(d, what)
     if pm.failures:
         print(log[-3000:])
 
-    # Space freed: --resume auto continues from step 40, logs steps 41.. again
-    # (the lines after the checkpoint are dropped) and ends where the
+    # The fault gone: --resume auto continues from step 40, logs steps 41..
+    # again (the lines after the checkpoint are dropped) and ends where the
     # uninterrupted run ends.
-    os.unlink(filler)
+    undo()
     r = pm.pretrain(2, d, extra, resume=True)
     check(r.returncode == 0 and "at step 40" in r.stdout,
-          f"after freeing space, --resume auto continues from step 40 ({r.stderr.strip()[:600]})")
+          f"{what}: --resume auto continues from step 40 ({r.stderr.strip()[:600]})")
     if r.returncode == 0:
-        check(pm.bitwise(pm.params(pm.final_ckpt(d, steps)), ref), "resumed run bitwise equal to uninterrupted")
+        check(pm.bitwise(pm.params(pm.final_ckpt(d, steps)), ref), f"{what}: resumed run bitwise equal to uninterrupted")
         rows = [json.loads(x) for x in open(metrics, encoding="utf-8")]
         train = [x["step"] for x in rows if "loss" in x]
-        check(train == list(range(1, steps + 1)), "metrics.jsonl: one training line per step 1..100 after resume")
-    pm.run(["umount", mnt])
+        check(train == list(range(1, steps + 1)), f"{what}: metrics.jsonl: one training line per step 1..100")
 
 
 # ---------------------------------------------------------------------------
@@ -411,7 +434,7 @@ def test_rank_term():
 
 def main():
     os.makedirs(TMP, exist_ok=True)
-    tests = {"metrics_full": test_metrics_full, "bare_mpirun": test_bare_mpirun, "rank_term": test_rank_term}
+    tests = {"metrics_full": test_metrics_full, "metrics_fsize": test_metrics_fsize, "bare_mpirun": test_bare_mpirun, "rank_term": test_rank_term}
     if len(sys.argv) == 3 and sys.argv[1] == "launcher" and sys.argv[2] in ("run_local", "slurm", "pbs"):
         test_launcher(sys.argv[2])
     elif len(sys.argv) == 2 and sys.argv[1] in tests:
