@@ -415,17 +415,24 @@ def rank_of(pid):
 def test_rank_term():
     ref = reference()
     d = os.path.join(TMP, "rank-term")
+    # Rank 0 waits in the checkpoint of step 4 while rank 1 gets SIGTERM, so
+    # that the run cannot end before the signal counts.
+    go = os.path.join(TMP, "go-rank-term")
+    env = dict(os.environ, FSYNC_SHIM_SECONDS="120", FSYNC_SHIM_UNTIL=go, LD_PRELOAD=shim())
     p = subprocess.Popen(pm.MPIRUN + ["-np", "2", pm.PERFCELL] + perfcell_args(d), stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    out, seen = watch(p, lambda ln: ln.startswith("step 6/"))
+                         stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    out, seen = watch(p, lambda ln: ln.startswith("fsync-shim: slowing fsync of"))
     sent = False
     if seen:
         for pid in pm.perfcell_pids(d):
             if rank_of(pid) == 1:
                 os.kill(pid, signal.SIGTERM)
                 sent = True
+    time.sleep(1)
+    with open(go, "w", encoding="utf-8"):
+        pass
     rc, waited, log = finish(p, out, run_dir=d)
-    check(sent, "SIGTERM sent to rank 1 at step 6")
+    check(sent, "SIGTERM sent to rank 1 during the checkpoint of step 4")
     named = [ln for ln in log.splitlines() if "checkpointing at step" in ln]
     check(named and "SIGTERM" in named[-1] and "rank 1" in named[-1] and "max_minutes" not in log,
           f"the log names SIGTERM and rank 1 ({' | '.join(named)})")
