@@ -44,7 +44,9 @@ typedef struct Trainer_ {
     int64_t step;          // optimizer steps done
     int64_t cells_seen, tokens_seen;
     double train_seconds;  // wall time in the step loop over all sessions
-    FILE *metrics;         // rank 0: run_dir/metrics.jsonl
+    int metrics_fd;        // rank 0: run_dir/metrics.jsonl (append), -1 when not open
+    int64_t metrics_end;   // bytes of whole lines in it
+    char *metrics_error;   // rank 0: why a metrics write failed, or NULL
     char kind[16];         // "pretrain" or "finetune"
     // Runs without a stream (finetune) keep their own data cursor here.
     int64_t cursor[4];
@@ -116,10 +118,18 @@ typedef struct {
 StepFlags trainer_step_flags(Trainer *t, double *last_ckpt_time, double start_time);
 
 // Metrics (rank 0): one JSON object per line in run_dir/metrics.jsonl. On
-// resume, lines after the resumed step are dropped.
+// resume, lines after the resumed step are dropped. Each line goes out in one
+// checked write(); a write that fails (ENOSPC, EFBIG, EIO...) is cut back to
+// the previous line's end, so the file never holds half a line, and the run
+// stops with the error at its next collective point (trainer_step_flags,
+// trainer_checkpoint, trainer_free) before any further checkpoint: exit 1,
+// the last checkpoint's metrics all on disk, --resume auto continues.
+// trainer_metrics_open is collective (an open that fails stops every rank).
 void trainer_metrics_open(Trainer *t, int resumed);
 void trainer_metrics_write(Trainer *t, const char *json_fields);
 
+// Collective: a metrics write that failed since the last check ends the run
+// here (see above).
 void trainer_free(Trainer *t);
 
 // Format seconds as "1h02m", "3m20s" or "12s".

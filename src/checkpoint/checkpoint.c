@@ -630,17 +630,37 @@ static void check_state(const CkptState *s) {
     }
 }
 
+// Whether process pid runs on this host: a zombie (killed, not yet reaped by
+// its parent) writes nothing more.
+static int pid_alive(pid_t pid) {
+    if (kill(pid, 0) != 0 && errno == ESRCH) return 0;
+    char path[64], buf[256];
+    snprintf(path, sizeof path, "/proc/%ld/stat", (long)pid);
+    FILE *f = fopen(path, "r");
+    if (!f) return 1;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    const char *state = strrchr(buf, ')'); // after "pid (comm)"
+    return !(state && state[1] == ' ' && state[2] == 'Z');
+}
+
 // Temporary files of writers in this folder that no longer run (killed while
-// writing); they can be as large as a checkpoint.
+// writing): .ckpt-STEP.h5.tmp-PID (they can be as large as a checkpoint) and
+// latest.tmp.PID. Readers never take them for checkpoints (see
+// ckpt_files_list); they are removed here, before the next checkpoint.
 static void remove_stale_temps(const char *dir) {
     DIR *d = opendir(dir);
     if (!d) return;
+    const size_t nl = strlen(CKPT_LATEST ".tmp.");
     for (struct dirent *e = readdir(d); e; e = readdir(d)) {
-        const char *t = strstr(e->d_name, ".h5.tmp-");
-        if (strncmp(e->d_name, ".ckpt-", 6) != 0 || !t) continue;
+        const char *t = strstr(e->d_name, ".h5.tmp-"), *pid_text = NULL;
+        if (strncmp(e->d_name, ".ckpt-", 6) == 0 && t) pid_text = t + 8;
+        else if (strncmp(e->d_name, CKPT_LATEST ".tmp.", nl) == 0) pid_text = e->d_name + nl;
+        if (!pid_text) continue;
         long pid;
-        if (str_to_long(t + 8, &pid) != 0 || pid <= 0 || pid == (long)getpid()) continue;
-        if (kill((pid_t)pid, 0) == 0 || errno != ESRCH) continue;
+        if (str_to_long(pid_text, &pid) != 0 || pid <= 0 || pid == (long)getpid()) continue;
+        if (pid_alive((pid_t)pid)) continue;
         char *p = path_join(dir, e->d_name);
         if (unlink(p) == 0) log_warn("removed '%s', left by a checkpoint writer that died", p);
         free(p);

@@ -8,6 +8,7 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <math.h>
 #include <signal.h>
@@ -112,6 +113,7 @@ int train_args_parse(int argc, char **argv, TrainArgs *a, const char *usage) {
 void trainer_config(Trainer *t, const TrainArgs *a, const ConfigKey *schema, size_t n_schema,
                     const char *kind) {
     memset(t, 0, sizeof *t);
+    t->metrics_fd = -1;
     MPI_Comm_rank(MPI_COMM_WORLD, &t->rank);
     MPI_Comm_size(MPI_COMM_WORLD, &t->size);
     snprintf(t->kind, sizeof t->kind, "%s", kind);
@@ -318,7 +320,11 @@ static void fill_state(Trainer *t, CkptState *s, int64_t *cursor, size_t cursor_
     s->n_scalars = n_extra + 3;
 }
 
+static void metrics_agree(Trainer *t);
+
 void trainer_checkpoint(Trainer *t, const CkptScalar *extra, size_t n_extra) {
+    // No checkpoint beyond the metrics on disk.
+    metrics_agree(t);
     size_t len = t->stream ? stream_cursor_len(t->stream) : t->cursor_len;
     int64_t *cursor = xcalloc(len ? len : 1, sizeof *cursor);
     if (t->stream)
@@ -634,9 +640,25 @@ double trainer_optimizer_step(Trainer *t, int local_bad, double *lr_out) {
 
 static volatile sig_atomic_t g_stop_signal = 0;
 
-static void on_stop_signal(int sig) { g_stop_signal = sig; }
+// Said at once (async-signal-safe write), so that a log ends with the cause
+// even when the rank is killed before the next step boundary: mpirun kills
+// its ranks about 2 s after a SIGTERM of its own.
+static char g_term_note[160], g_usr1_note[160];
+static size_t g_term_len, g_usr1_len;
+
+static void on_stop_signal(int sig) {
+    g_stop_signal = sig;
+    const char *note = sig == SIGTERM ? g_term_note : g_usr1_note;
+    size_t len = sig == SIGTERM ? g_term_len : g_usr1_len;
+    if (write(STDERR_FILENO, note, len) < 0) return;
+}
 
 void trainer_install_signals(void) {
+    int rank = 0;
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    const char *fmt = "[rank %d] %s received: stopping with a checkpoint after this step\n";
+    g_term_len = (size_t)snprintf(g_term_note, sizeof g_term_note, fmt, rank, "SIGTERM");
+    g_usr1_len = (size_t)snprintf(g_usr1_note, sizeof g_usr1_note, fmt, rank, "SIGUSR1");
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_stop_signal;
@@ -649,8 +671,43 @@ void trainer_install_signals(void) {
     signal(SIGXFSZ, SIG_IGN);
 }
 
+static const char *signal_name(int sig) {
+    return sig == SIGTERM ? "SIGTERM" : sig == SIGUSR1 ? "SIGUSR1" : "a signal";
+}
+
+// Rank 0 logs which ranks received which stop signal. Collective.
+static void log_stop_signals(const Trainer *t) {
+    int sig = (int)g_stop_signal;
+    int *all = t->rank == 0 ? xcalloc((size_t)t->size, sizeof *all) : NULL;
+    CHECK_MPI(MPI_Gather(&sig, 1, MPI_INT, all, 1, MPI_INT, 0, MPI_COMM_WORLD));
+    if (t->rank != 0) return;
+    char who[512] = "";
+    size_t len = 0;
+    for (int r = 0; r < t->size && len < sizeof who - 1; r++) {
+        if (!all[r]) continue;
+        int first = 1;
+        for (int q = 0; q < r; q++) first &= all[q] != all[r];
+        if (!first) continue;
+        // Every rank that received this signal: "SIGTERM (15) on ranks 1,3".
+        int n = 0;
+        char ranks[256] = "";
+        for (int q = r; q < t->size; q++) {
+            if (all[q] != all[r]) continue;
+            size_t l = strlen(ranks);
+            snprintf(ranks + l, sizeof ranks - l, "%s%d", n ? "," : "", q);
+            n++;
+        }
+        len += (size_t)snprintf(who + len, sizeof who - len, "%s%s (%d) on rank%s %s", len ? ", " : "",
+                                signal_name(all[r]), all[r], n > 1 ? "s" : "", ranks);
+    }
+    free(all);
+    log_info("stop signal %s: checkpointing at step %lld and exiting", who, (long long)t->step);
+}
+
 StepFlags trainer_step_flags(Trainer *t, double *last_ckpt_time, double start_time) {
-    int local[2] = {g_stop_signal != 0, 0}, global[2] = {0, 0};
+    // stop, checkpoint, a signal on some rank, a failed metrics write (rank 0)
+    int local[4] = {g_stop_signal != 0, 0, g_stop_signal != 0, t->metrics_error != NULL};
+    int global[4] = {0, 0, 0, 0};
     if (t->rank == 0) {
         double now = time_now();
         double budget = config_float(t->cfg, "run.max_minutes") * 60.0;
@@ -658,12 +715,12 @@ StepFlags trainer_step_flags(Trainer *t, double *last_ckpt_time, double start_ti
         double every = config_float(t->cfg, "checkpoint.every_minutes") * 60.0;
         if (every > 0 && now - *last_ckpt_time > every) local[1] = 1;
     }
-    CHECK_MPI(MPI_Allreduce(local, global, 2, MPI_INT, MPI_MAX, MPI_COMM_WORLD));
+    CHECK_MPI(MPI_Allreduce(local, global, 4, MPI_INT, MPI_MAX, MPI_COMM_WORLD));
+    if (global[3]) metrics_agree(t);
     StepFlags f = {global[0], global[1]};
     if (f.checkpoint) *last_ckpt_time = time_now();
-    if (f.stop && g_stop_signal)
-        log_info("signal %d received: checkpointing at step %lld and exiting", (int)g_stop_signal,
-                 (long long)t->step);
+    if (global[2])
+        log_stop_signals(t);
     else if (f.stop)
         log_info("run.max_minutes reached: checkpointing at step %lld and exiting", (long long)t->step);
     return f;
@@ -679,56 +736,110 @@ static long long line_step(const char *line) {
 }
 
 void trainer_metrics_open(Trainer *t, int resumed) {
-    if (t->rank != 0) return;
-    char *path = path_join(t->run_dir, "metrics.jsonl");
-    if (resumed) {
-        size_t len = 0;
-        char *old = file_read_all(path, &len);
-        if (old) {
-            // Keep what was logged up to the resumed step.
-            char *keep = xmalloc(len + 1);
-            size_t k = 0;
-            char *save = NULL;
-            for (char *l = strtok_r(old, "\n", &save); l; l = strtok_r(NULL, "\n", &save)) {
-                if (line_step(l) > t->step) continue;
-                size_t n = strlen(l);
-                memcpy(keep + k, l, n);
-                keep[k + n] = '\n';
-                k += n + 1;
+    int ok = 1;
+    if (t->rank == 0) {
+        char *path = path_join(t->run_dir, "metrics.jsonl");
+        if (resumed && path_exists(path)) {
+            size_t len = 0;
+            char *old = file_read_all(path, &len);
+            ok = old != NULL;
+            if (ok) {
+                // Keep what was logged up to the resumed step (and no torn last line).
+                char *keep = xmalloc(len + 1);
+                size_t k = 0;
+                char *save = NULL;
+                int whole = len > 0 && old[len - 1] == '\n';
+                for (char *l = strtok_r(old, "\n", &save); l; l = strtok_r(NULL, "\n", &save)) {
+                    if (line_step(l) > t->step || (!whole && l + strlen(l) == old + len)) continue;
+                    size_t n = strlen(l);
+                    memcpy(keep + k, l, n);
+                    keep[k + n] = '\n';
+                    k += n + 1;
+                }
+                ok = file_write_atomic(path, keep, k) == 0;
+                free(keep);
+                free(old);
             }
-            if (file_write_atomic(path, keep, k) != 0) log_warn("%s", error_last());
-            free(keep);
-            free(old);
         }
+        if (ok) {
+            t->metrics_fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | (resumed ? 0 : O_TRUNC), 0644);
+            ok = t->metrics_fd >= 0 || !error_set("cannot write '%s': %s", path, strerror(errno));
+        }
+        if (ok) {
+            off_t end = lseek(t->metrics_fd, 0, SEEK_END);
+            ok = end >= 0 || !error_set("cannot write '%s': %s", path, strerror(errno));
+            t->metrics_end = (int64_t)end;
+        }
+        free(path);
     }
-    t->metrics = fopen(path, resumed ? "a" : "w");
-    if (!t->metrics) log_warn("cannot write metrics to %s: %s", path, strerror(errno));
+    agree(ok, "run.dir must be on a file system with room for the metrics; free space or choose "
+              "another run.dir");
+}
+
+// Rank 0: record a failed metrics write and cut the file back to its last
+// whole line.
+static void metrics_fail(Trainer *t, int err) {
+    char *path = path_join(t->run_dir, "metrics.jsonl");
+    char msg[1024];
+    int n = snprintf(msg, sizeof msg, "cannot write '%s': %s (at step %lld)", path, strerror(err),
+                     (long long)t->step);
+    if (ftruncate(t->metrics_fd, (off_t)t->metrics_end) != 0 && n > 0 && (size_t)n < sizeof msg)
+        snprintf(msg + n, sizeof msg - (size_t)n, "; cutting it back to its last whole line failed too: %s",
+                 strerror(errno));
+    close(t->metrics_fd);
+    t->metrics_fd = -1;
+    t->metrics_error = xstrdup(msg);
     free(path);
 }
 
+// A failed metrics write (rank 0) ends every rank here. Collective.
+static void metrics_agree(Trainer *t) {
+    int bad = t->rank == 0 && t->metrics_error;
+    if (bad) error_set("%s", t->metrics_error);
+    agree(!bad, "the run stopped without a further checkpoint and metrics.jsonl ends with a whole line: "
+                "free space on run.dir's file system, then resume with --resume auto");
+}
+
 void trainer_metrics_write(Trainer *t, const char *json_fields) {
-    if (t->rank != 0 || !t->metrics) return;
-    // printf writes a non-finite value as nan / inf, which JSON does not have:
-    // such a value (a NaN loss under run.nan_policy = skip) becomes null.
-    fprintf(t->metrics, "{\"step\":%lld,", (long long)t->step);
+    if (t->rank != 0 || t->metrics_fd < 0) return;
+    // The whole line in memory, then one write. printf writes a non-finite
+    // value as nan / inf, which JSON does not have: such a value (a NaN loss
+    // under run.nan_policy = skip) becomes null.
+    size_t cap = strlen(json_fields) * 2 + 64, n = 0;
+    char *line = xmalloc(cap);
+    n = (size_t)snprintf(line, cap, "{\"step\":%lld,", (long long)t->step);
     for (const char *p = json_fields; *p;) {
         int after_colon = p > json_fields && p[-1] == ':';
         const char *q = p + (*p == '-');
         if (after_colon && (strncmp(q, "nan", 3) == 0 || strncmp(q, "inf", 3) == 0)) {
-            fputs("null", t->metrics);
+            memcpy(line + n, "null", 4);
+            n += 4;
             p = q + 3;
             while (isalnum((unsigned char)*p) || *p == '(' || *p == ')' || *p == '_') p++;
         } else {
-            fputc(*p++, t->metrics);
+            line[n++] = *p++;
         }
     }
-    fputs("}\n", t->metrics);
-    fflush(t->metrics);
+    memcpy(line + n, "}\n", 2);
+    n += 2;
+    for (size_t done = 0; done < n;) {
+        ssize_t w = write(t->metrics_fd, line + done, n - done);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) {
+            metrics_fail(t, w < 0 ? errno : ENOSPC);
+            break;
+        }
+        done += (size_t)w;
+    }
+    if (t->metrics_fd >= 0) t->metrics_end += (int64_t)n;
+    free(line);
 }
 
 void trainer_free(Trainer *t) {
+    metrics_agree(t);
     if (t->stream) stream_close(t->stream);
-    if (t->metrics) fclose(t->metrics);
+    if (t->metrics_fd >= 0) close(t->metrics_fd);
+    free(t->metrics_error);
     gradsync_free(&t->sync);
     model_free(&t->model);
     free(t->exp_avg);

@@ -25,7 +25,8 @@
                                equals the head's training loss plus lambda/2 |W|^2, and
                                SIGUSR1 then --resume is bitwise the uninterrupted run
 
-Environment (from tests/run.sh): BIN, DATA, TEST_TMP, MPIRUN. Exit code 0 = pass.
+Environment (from tests/run.sh): BIN, DATA, TEST_TMP, MPIRUN; PERFCELL_MPI_TRANSPORT=tcp
+runs every rank's messages over TCP. Exit code 0 = pass.
 """
 import json
 import os
@@ -42,6 +43,16 @@ BIN = os.environ.get("BIN", "bin")
 DATA = os.environ.get("DATA", "../shared/data")
 TMP = os.environ.get("TEST_TMP", "/tmp/perfcell-test")
 MPIRUN = os.environ.get("MPIRUN", "mpirun --oversubscribe --bind-to none").split()
+# PERFCELL_MPI_TRANSPORT=tcp: every message between ranks over TCP (loopback),
+# as between hosts: the ob1 PML with the self and tcp BTLs only, and none of
+# the components that work through shared memory (coll sm and han, osc sm,
+# sharedfp sm; see ompi_info).
+TRANSPORTS = {
+    "shm": [],
+    "tcp": ["--mca", "pml", "ob1", "--mca", "btl", "self,tcp", "--mca", "btl_tcp_if_include", "lo",
+            "--mca", "coll", "^sm,han", "--mca", "osc", "^sm", "--mca", "sharedfp", "^sm"],
+}
+MPIRUN += TRANSPORTS[os.environ.get("PERFCELL_MPI_TRANSPORT", "shm")]
 PERFCELL = os.path.abspath(os.path.join(BIN, "perfcell"))
 TINY = ["--config", "configs/tiny.ini"]
 failures = []
@@ -216,7 +227,9 @@ def test_kill():
             f"data.shards={shards()}", f"run.dir={d}"] + extra
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         killed = None
+        log = []
         for line in p.stdout:
+            log.append(line)
             if killed is None and line.startswith(f"step {k}/"):
                 ranks = perfcell_pids(d)
                 if ranks:
@@ -230,6 +243,8 @@ def test_kill():
             rc = None
         check(killed is not None, f"trial {trial}: killed a rank at step {k}")
         check(rc not in (0, None), f"trial {trial}: mpirun exits non-zero (rc {rc}) in {time.time() - t0:.1f}s")
+        said = [ln.strip() for ln in log if "exited on signal 9" in ln]
+        check(said, f"trial {trial}: the message names the rank killed by signal 9 ({' '.join(said)[:200]})")
         time.sleep(0.5)
         left = perfcell_pids(d)
         check(not left, f"trial {trial}: no perfcell process left behind ({left})")
