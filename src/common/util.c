@@ -74,9 +74,12 @@ const char *path_write_cause(const char *path, int err, char *buf, size_t len) {
         snprintf(buf, len, "%s", strerror(err));
         return buf;
     }
+    // The file's folder, or the one above when another process removed it (a
+    // failed parallel build removes its partial folder).
     char *dir = xstrdup(path);
     struct statvfs fs;
-    if (statvfs(dirname(dir), &fs) == 0 && (uint64_t)fs.f_bavail * fs.f_frsize < WRITE_CAUSE_FREE_BYTES)
+    int got = statvfs(dirname(dir), &fs) == 0 || statvfs(dirname(dir), &fs) == 0;
+    if (got && (uint64_t)fs.f_bavail * fs.f_frsize < WRITE_CAUSE_FREE_BYTES)
         snprintf(buf, len, "%s (%llu bytes free on its file system)", strerror(ENOSPC),
                  (unsigned long long)fs.f_bavail * fs.f_frsize);
     free(dir);

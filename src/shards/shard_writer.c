@@ -48,10 +48,11 @@ void shard_signals_install(void) {
     signal(SIGXFSZ, SIG_IGN);
 }
 
-int shard_agree(int rc, MPI_Comm comm) {
+// `stoppable`: a stop signal fails the agreement (not once the output is published).
+static int agree(int rc, MPI_Comm comm, int stoppable) {
     int rank = 0, mine, first = INT_MAX;
     CHECK_MPI(MPI_Comm_rank(comm, &rank));
-    int sig = g_stop_signal;
+    int sig = stoppable ? g_stop_signal : 0;
     if (rc == 0 && sig) {
         error_set("stopped by %s", sig == SIGINT ? "SIGINT" : "SIGTERM");
         rc = -1;
@@ -71,6 +72,8 @@ int shard_agree(int rc, MPI_Comm comm) {
     if (buf[AGREE_LEN]) error_set_hint("%s", buf + AGREE_LEN);
     return -1;
 }
+
+int shard_agree(int rc, MPI_Comm comm) { return agree(rc, comm, 1); }
 
 // ---------------------------------------------------------------------------
 // The output folder
@@ -1119,7 +1122,8 @@ int shard_build(const ShardBuildOptions *opt, Input *const *inputs, size_t n_inp
     if (rc == 0) {
         CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, e, (int)(n_shards * E_FIELDS), MPI_INT64_T, MPI_SUM, comm));
         if (c.rank == 0) rc = publish(&c, n_shards, e);
-        rc = shard_agree(rc, comm);
+        // A signal during publish() comes too late: the folder is in place.
+        rc = agree(rc, comm, 0);
     }
     if (rc == 0) {
         CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, c.empty, (int)c.n_in, MPI_INT64_T, MPI_SUM, comm));
