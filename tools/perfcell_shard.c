@@ -312,6 +312,8 @@ static int cmd_build(const Args *a) {
 }
 
 int main(int argc, char **argv) {
+    // Before MPI starts: a size limit met while it sets up must fail a write, not kill.
+    shard_signals_install();
     mpienv_init(&argc, &argv);
     if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 ||
         strcmp(argv[1], "help") == 0) {

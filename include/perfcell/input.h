@@ -102,8 +102,10 @@ struct Input {
     char **symbols;    // (n_genes) gene symbols
     char **ids;        // (n_genes) Ensembl ids, "" when none (an id equal to the symbol is none)
     char *genomes;     // 10x: the genome(s) read, NULL otherwise
-    size_t n_skipped;  // 10x: features left out (not 'Gene Expression', other genome)
+    size_t n_skipped;  // features left out (input_feature_is_gene; 10x: other genomes)
     char *skipped_what; // what they were, for the report ("32 Antibody Capture"), NULL if none
+    int32_t *feature_gene; // (features of the matrix) -> gene, -1 left out; NULL: the same
+                           // (back ends that leave features out themselves, or none)
 
     // Labels (label_key non-NULL when the input has labels).
     char *label_key;      // the label column ("celltype")
@@ -119,6 +121,15 @@ struct Input {
     void *impl;
     RawRows scratch;
 };
+
+// The one rule for which features are genes, in every format: a feature with no
+// type or of type 'Gene Expression' (10x feature_type, the third column of
+// features.tsv, an .h5ad var column feature_types); others (Antibody Capture,
+// CRISPR Guide Capture, Custom) are left out with a note in the report.
+int input_feature_is_gene(const char *type);
+// "32 Antibody Capture, 5 of other genomes": the features of `types` (n) that
+// `map` leaves out (-1) for their type, and `other_genome` more. A new string.
+char *input_skipped_what(char *const *types, const int32_t *map, size_t n, size_t other_genome);
 
 // Which format `path` is (a folder is a MatrixMarket folder). Returns 0, or -1
 // with error_set() and a hint listing the formats read.

@@ -81,8 +81,20 @@ int shard_build(const ShardBuildOptions *opt, Input *const *inputs, size_t n_inp
                 const Vocab *vocab, MPI_Comm comm, ShardBuildReport *rep);
 
 // Collective: 0 when every rank passes rc == 0; else -1 on every rank, with
-// the message and hint of the lowest failing rank as error_last().
+// the message and hint of the lowest failing rank as error_last(). A rank that
+// received SIGTERM or SIGINT (see shard_signals_install) fails here with
+// "stopped by SIGTERM", so every agreement is a point where a build stops.
 int shard_agree(int rc, MPI_Comm comm);
+
+// SIGTERM and SIGINT set a flag that shard_agree() turns into a failure on
+// every rank (the failed build removes <out>.partial); SIGXFSZ is ignored, so
+// a file size limit (ulimit -f) fails a write with EFBIG instead of killing.
+void shard_signals_install(void);
+
+// Write faults (a full disk, a size limit) end the job from the rank that meets
+// them: parallel HDF5 calls are collective, so the other ranks may already wait
+// inside one and no agreement could be reached. The error sink prints the shard
+// and the OS error, removes <out>.partial and calls MPI_Abort.
 
 void shard_build_report_print(const ShardBuildReport *rep, FILE *f);
 void shard_build_report_free(ShardBuildReport *rep);

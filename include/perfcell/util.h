@@ -27,6 +27,11 @@ char *path_join(const char *dir, const char *name);
 int file_write_synced(const char *path, const void *data, size_t n);
 // Write `data` to `path` atomically: temp file, fsync, rename, fsync of the folder.
 int file_write_atomic(const char *path, const void *data, size_t n);
+// The operating system's reason a write to `path` failed, for messages ("No
+// space left on device"): `err` (errno right after the failure) when it is a
+// write error, else what the file system and the limits show (the folder's file
+// system full, the file at the size limit of ulimit -f); "" when none shows.
+const char *path_write_cause(const char *path, int err, char *buf, size_t len);
 // fsync a file or directory by path.
 int path_fsync(const char *path);
 // Read a whole file; returns NULL with error_set() on failure. Adds a NUL byte.

@@ -10,6 +10,7 @@
 #include <string.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <time.h>
 #include <unistd.h>
 #include <zlib.h>
@@ -61,6 +62,34 @@ int64_t path_file_size(const char *path) {
     struct stat st;
     if (stat(path, &st) != 0) return -1;
     return (int64_t)st.st_size;
+}
+
+// Free space below which a failed write is put down to a full file system: a
+// write that fails leaves no more than a few blocks free.
+#define WRITE_CAUSE_FREE_BYTES ((uint64_t)256 << 10)
+
+const char *path_write_cause(const char *path, int err, char *buf, size_t len) {
+    buf[0] = '\0';
+    if (err == ENOSPC || err == EDQUOT || err == EFBIG || err == EIO || err == EROFS) {
+        snprintf(buf, len, "%s", strerror(err));
+        return buf;
+    }
+    // The file's folder, or the one above when another process removed it (a
+    // failed parallel build removes its partial folder).
+    char *dir = xstrdup(path);
+    struct statvfs fs;
+    int got = statvfs(dirname(dir), &fs) == 0 || statvfs(dirname(dir), &fs) == 0;
+    if (got && (uint64_t)fs.f_bavail * fs.f_frsize < WRITE_CAUSE_FREE_BYTES)
+        snprintf(buf, len, "%s (%llu bytes free on its file system)", strerror(ENOSPC),
+                 (unsigned long long)fs.f_bavail * fs.f_frsize);
+    free(dir);
+    struct rlimit rl;
+    int64_t size = path_file_size(path);
+    if (!buf[0] && getrlimit(RLIMIT_FSIZE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY && size >= 0 &&
+        (uint64_t)size + WRITE_CAUSE_FREE_BYTES >= (uint64_t)rl.rlim_cur)
+        snprintf(buf, len, "%s (the file size limit, ulimit -f, is %llu bytes)", strerror(EFBIG),
+                 (unsigned long long)rl.rlim_cur);
+    return buf;
 }
 
 int path_mkdir_p(const char *path) {

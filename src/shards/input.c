@@ -233,7 +233,7 @@ int input_counts_verdict(const Input *in, const CountsCheck *c) {
     char example[512] = "";
     if (c->bad_cell >= 0 && (size_t)c->bad_cell < in->n_cells && c->bad_gene >= 0 &&
         (size_t)c->bad_gene < in->n_genes)
-        snprintf(example, sizeof example, ", e.g. %.6g at cell %lld '%s', gene '%s'", c->bad_value,
+        snprintf(example, sizeof example, ", e.g. %.9g at cell %lld '%s', gene '%s'", c->bad_value,
                  (long long)c->bad_cell, in->cells[c->bad_cell], in->symbols[c->bad_gene]);
     const char *looks = "";
     if (c->n_negative > 0)
@@ -256,6 +256,30 @@ int input_counts_verdict(const Input *in, const CountsCheck *c) {
                               in->path);
     return error_set_hint("shards store raw integer counts; 10x matrices hold them unless the "
                           "file was altered: use the file CellRanger wrote");
+}
+
+// ---------------------------------------------------------------------------
+// Which features are genes
+
+int input_feature_is_gene(const char *type) {
+    return !type || !type[0] || strcmp(type, "Gene Expression") == 0;
+}
+
+char *input_skipped_what(char *const *types, const int32_t *map, size_t n, size_t other_genome) {
+    StrSet tset = {0};
+    int64_t *tcount = xcalloc(n + 1, sizeof *tcount);
+    for (size_t i = 0; i < n; i++)
+        if (map[i] < 0 && types && !input_feature_is_gene(types[i])) tcount[str_set_add(&tset, types[i])]++;
+    char what[512] = "";
+    size_t k = 0;
+    for (size_t i = 0; i < tset.n && k < sizeof what; i++)
+        k += (size_t)snprintf(what + k, sizeof what - k, "%s%lld %s", k ? ", " : "",
+                              (long long)tcount[i], tset.names[i]);
+    if (other_genome && k < sizeof what)
+        snprintf(what + k, sizeof what - k, "%s%zu of other genomes", k ? ", " : "", other_genome);
+    str_set_free(&tset);
+    free(tcount);
+    return xstrdup(what);
 }
 
 // ---------------------------------------------------------------------------
@@ -398,6 +422,7 @@ void input_close(Input *in) {
     free(in->others);
     free(in->genomes);
     free(in->skipped_what);
+    free(in->feature_gene);
     raw_rows_free(&in->scratch);
     free(in);
 }
@@ -413,7 +438,7 @@ const char *input_describe(const Input *in) {
 // Range reads
 
 // Convert raw values of cells starting at input cell `c0` into counts, with the check.
-static void rows_append_raw(InputRows *r, const RawRows *raw, size_t c0) {
+static void rows_append_raw(InputRows *r, const RawRows *raw, size_t c0, const int32_t *feature_gene) {
     input_rows_reserve(r, r->n_cells + raw->n_cells, r->nnz + raw->nnz);
     CountsCheck *c = &r->check;
     c->n_values += (int64_t)raw->nnz + raw->n_implicit;
@@ -421,6 +446,11 @@ static void rows_append_raw(InputRows *r, const RawRows *raw, size_t c0) {
     for (size_t i = 0; i < raw->n_cells; i++) {
         int64_t total = 0;
         for (int64_t j = raw->indptr[i]; j < raw->indptr[i + 1]; j++) {
+            int32_t gene = feature_gene ? feature_gene[raw->gene[j]] : raw->gene[j];
+            if (gene < 0) { // not a gene (input_feature_is_gene)
+                c->n_values--;
+                continue;
+            }
             double v = raw->value[j];
             int bad = 0;
             if (!isfinite(v)) {
@@ -442,13 +472,13 @@ static void rows_append_raw(InputRows *r, const RawRows *raw, size_t c0) {
             if (bad) {
                 if (c->bad_cell < 0) {
                     c->bad_cell = (int64_t)(c0 + i);
-                    c->bad_gene = raw->gene[j];
+                    c->bad_gene = gene;
                     c->bad_value = v;
                 }
                 continue;
             }
             if (v == 0) continue;
-            r->gene[k] = raw->gene[j];
+            r->gene[k] = gene;
             r->count[k++] = (int32_t)v;
             total += (int64_t)v;
         }
@@ -477,7 +507,7 @@ int input_read_rows(Input *in, size_t c0, size_t c1, InputRows *rows) {
         if (in->scratch.n_cells != b - a)
             return error_set("%s: internal: read %zu cells, expected %zu", in->path,
                              in->scratch.n_cells, b - a);
-        rows_append_raw(rows, &in->scratch, a);
+        rows_append_raw(rows, &in->scratch, a, in->feature_gene);
     }
     return 0;
 }

@@ -12,7 +12,6 @@
 #include <string.h>
 
 #define TENX_MAX_GENOMES 64
-static const char *GENE_EXPRESSION = "Gene Expression";
 
 typedef struct {
     hid_t file;
@@ -85,8 +84,7 @@ static int open_v3(Input *in, TenX *t, const InputOptions *opt) {
     char **ids = NULL, **names = NULL, **types = NULL, **genomes = NULL;
     size_t n = 0;
     int rc = -1;
-    StrSet gset = {0}, tset = {0};
-    int64_t *tcount = NULL;
+    StrSet gset = {0};
     if (input_h5_read_strings(t->file, "matrix/barcodes", path, shape[1], &in->cells, &in->n_cells) != 0)
         goto done;
     if (input_h5_read_strings(t->file, "matrix/features/id", path, (int64_t)n_feat, &ids, &n) != 0 ||
@@ -118,15 +116,11 @@ static int open_v3(Input *in, TenX *t, const InputOptions *opt) {
         goto done;
     }
     t->col_map = xmalloc((n_feat ? n_feat : 1) * sizeof *t->col_map);
-    tcount = xcalloc(n_feat + 1, sizeof *tcount);
     size_t n_genes = 0, other_genome = 0;
     StrSet kept_genomes = {0};
     for (size_t f = 0; f < n_feat; f++) {
         t->col_map[f] = -1;
-        if (types && strcmp(types[f], GENE_EXPRESSION) != 0) {
-            tcount[str_set_add(&tset, types[f])]++;
-            continue;
-        }
+        if (types && !input_feature_is_gene(types[f])) continue;
         if (want && strcmp(genomes[f], want) != 0) {
             other_genome++;
             continue;
@@ -143,17 +137,8 @@ static int open_v3(Input *in, TenX *t, const InputOptions *opt) {
         in->symbols[g] = xstrdup(names[f]);
         in->ids[g] = xstrdup(ids[f]);
     }
-    // What was left out, for the report.
-    char what[512] = "";
-    size_t k = 0;
-    for (size_t i = 0; i < tset.n && k < sizeof what; i++)
-        k += (size_t)snprintf(what + k, sizeof what - k, "%s%lld %s", k ? ", " : "",
-                              (long long)tcount[i], tset.names[i]);
-    if (other_genome && k < sizeof what)
-        k += (size_t)snprintf(what + k, sizeof what - k, "%s%zu of other genomes", k ? ", " : "",
-                              other_genome);
     in->n_skipped = n_feat - n_genes;
-    if (in->n_skipped) in->skipped_what = xstrdup(what);
+    if (in->n_skipped) in->skipped_what = input_skipped_what(types, t->col_map, n_feat, other_genome);
     if (kept_genomes.n) {
         char list[1024] = "";
         size_t m = 0;
@@ -179,8 +164,6 @@ done:
     h5_free_strings(types, types ? n_feat : 0);
     h5_free_strings(genomes, genomes ? n_feat : 0);
     str_set_free(&gset);
-    str_set_free(&tset);
-    free(tcount);
     return rc;
 }
 

@@ -20,6 +20,7 @@ typedef struct {
     char *mpath;     // "X", "raw/X", "layers/NAME"
     H5RowMatrix csr; // CSR, and CSC read as rows of genes
     hid_t dense;
+    size_t n_cols;   // columns of the matrix (features; genes may be fewer)
     // CSC: the whole matrix as rows of cells, read on the first range read.
     int cached;
     int64_t *c_ptr;  // (n_cells + 1)
@@ -246,6 +247,43 @@ static void list_members(hid_t file, const char *group, const char *skip, char *
     if (k >= len) snprintf(out + len - 5, 5, "...");
 }
 
+// Features that are not genes (a var column feature_types, as 10x data read by
+// scanpy has): left out by the rule of every format, input_feature_is_gene().
+static int h5ad_features_select(Input *in, const H5ad *h, const char *var, const char *where) {
+    static const char *TYPE_COLUMNS[] = {"feature_types", "feature_type"};
+    char **types = NULL;
+    for (size_t i = 0; i < sizeof TYPE_COLUMNS / sizeof *TYPE_COLUMNS && !types; i++) {
+        char p[300];
+        snprintf(p, sizeof p, "%s/%s", var, TYPE_COLUMNS[i]);
+        if (h5_exists(h->file, p) &&
+            read_column_strings(h->file, var, TYPE_COLUMNS[i], where, in->n_genes, &types) != 0)
+            return -1;
+    }
+    if (!types) return 0;
+    size_t n = in->n_genes, kept = 0;
+    int32_t *map = xmalloc((n ? n : 1) * sizeof *map);
+    for (size_t f = 0; f < n; f++) map[f] = input_feature_is_gene(types[f]) ? (int32_t)kept++ : -1;
+    if (kept < n) {
+        for (size_t f = 0; f < n; f++) {
+            if (map[f] >= 0) {
+                in->symbols[map[f]] = in->symbols[f];
+                if (in->ids) in->ids[map[f]] = in->ids[f];
+            } else {
+                free(in->symbols[f]);
+                if (in->ids) free(in->ids[f]);
+            }
+        }
+        in->n_genes = kept;
+        in->n_skipped = n - kept;
+        in->skipped_what = input_skipped_what(types, map, n, 0);
+        in->feature_gene = map;
+    } else {
+        free(map);
+    }
+    h5_free_strings(types, n);
+    return 0;
+}
+
 static int looks_ensembl(const char *s) {
     if (strncmp(s, "ENS", 3) != 0) return 0;
     for (const char *p = s + 3; *p; p++)
@@ -260,7 +298,7 @@ static int h5ad_read_raw(Input *in, size_t c0, size_t c1, RawRows *out) {
     H5ad *h = in->impl;
     if (h->layout == LAYOUT_CSR) return h5_row_matrix_read(&h->csr, c0, c1, out);
     if (h->layout == LAYOUT_DENSE) {
-        size_t g = in->n_genes;
+        size_t g = h->n_cols;
         size_t step = g ? DENSE_PIECE / g : DENSE_PIECE;
         if (step == 0) step = 1;
         size_t n_buf = step * g;
@@ -299,9 +337,9 @@ static int h5ad_read_raw(Input *in, size_t c0, size_t c1, RawRows *out) {
     // CSC: transpose the whole matrix once.
     if (!h->cached) {
         RawRows genes = {0};
-        raw_rows_reserve(&genes, in->n_genes, 0);
+        raw_rows_reserve(&genes, h->n_cols, 0);
         genes.indptr[0] = 0;
-        if (h5_row_matrix_read(&h->csr, 0, in->n_genes, &genes) != 0) {
+        if (h5_row_matrix_read(&h->csr, 0, h->n_cols, &genes) != 0) {
             raw_rows_free(&genes);
             return -1;
         }
@@ -314,7 +352,7 @@ static int h5ad_read_raw(Input *in, size_t c0, size_t c1, RawRows *out) {
         int64_t *fill = xmalloc((in->n_cells ? in->n_cells : 1) * sizeof *fill);
         memcpy(fill, h->c_ptr, in->n_cells * sizeof *fill);
         // Genes in ascending order, so every cell's row comes out ascending.
-        for (size_t g = 0; g < in->n_genes; g++) {
+        for (size_t g = 0; g < h->n_cols; g++) {
             for (int64_t j = genes.indptr[g]; j < genes.indptr[g + 1]; j++) {
                 int64_t at = fill[genes.gene[j]]++;
                 h->c_gene[at] = (int32_t)g;
@@ -537,6 +575,9 @@ int input_h5ad_open(Input *in, const InputOptions *opt) {
             break;
         }
     }
+
+    h->n_cols = in->n_genes;
+    if (h5ad_features_select(in, h, var, where) != 0) return -1;
 
     // The matrix.
     if (h->layout != LAYOUT_DENSE) {

@@ -319,8 +319,6 @@ int input_mtx_open(Input *in, const InputOptions *opt) {
     static const char *bnames[] = {"barcodes.tsv.gz", "barcodes.tsv"};
     char *fpath = NULL, *bpath = NULL;
     Lines feat = {0}, bc = {0};
-    StrSet tset = {0};
-    int64_t *tcount = NULL;
     int rc = -1;
     m->matrix_path = path_is_dir(in->path) ? find_file(dir, mnames, 2) : xstrdup(in->path);
     fpath = find_file(dir, fnames, 4);
@@ -346,6 +344,16 @@ int input_mtx_open(Input *in, const InputOptions *opt) {
     free(line);
     gzclose(f);
     if (hrc != 0) goto done;
+    if (feat.n == bc.n && m->rows == (int64_t)feat.n && m->cols == (int64_t)feat.n) {
+        // The orientation is told by the lengths of the two files alone.
+        error_set("%s: the matrix is %lld x %lld, and %s lists %zu features and %s %zu barcodes: "
+                  "whether it is genes x cells or cells x genes cannot be told",
+                  m->matrix_path, (long long)m->rows, (long long)m->cols, fpath, feat.n, bpath, bc.n);
+        error_set_hint("perfcell reads a MatrixMarket matrix the way its features and barcodes "
+                       "files fit; with as many cells as genes, write the data as .h5ad "
+                       "(cells x genes) and build from that");
+        goto done;
+    }
     if (m->rows == (int64_t)feat.n && m->cols == (int64_t)bc.n) {
         m->transposed = 0;
     } else if (m->rows == (int64_t)bc.n && m->cols == (int64_t)feat.n) {
@@ -358,11 +366,9 @@ int input_mtx_open(Input *in, const InputOptions *opt) {
     }
     m->n_features = feat.n;
     m->col_map = xmalloc((feat.n ? feat.n : 1) * sizeof *m->col_map);
-    tcount = xcalloc(feat.n + 1, sizeof *tcount);
     size_t n_genes = 0;
     for (size_t i = 0; i < feat.n; i++) {
-        if (feat.c[i][0] && strcmp(feat.c[i], "Gene Expression") != 0) {
-            tcount[str_set_add(&tset, feat.c[i])]++;
+        if (!input_feature_is_gene(feat.c[i])) {
             m->col_map[i] = -1;
         } else {
             m->col_map[i] = (int32_t)n_genes++;
@@ -378,14 +384,7 @@ int input_mtx_open(Input *in, const InputOptions *opt) {
         in->symbols[g] = xstrdup(feat.b[i][0] ? feat.b[i] : feat.a[i]);
     }
     in->n_skipped = feat.n - n_genes;
-    if (in->n_skipped) {
-        char what[512] = "";
-        size_t k = 0;
-        for (size_t i = 0; i < tset.n && k < sizeof what; i++)
-            k += (size_t)snprintf(what + k, sizeof what - k, "%s%lld %s", k ? ", " : "",
-                                  (long long)tcount[i], tset.names[i]);
-        in->skipped_what = xstrdup(what);
-    }
+    if (in->n_skipped) in->skipped_what = input_skipped_what(feat.c, m->col_map, feat.n, 0);
     in->n_cells = bc.n;
     in->cells = bc.a;
     bc.a = NULL;
@@ -400,8 +399,6 @@ int input_mtx_open(Input *in, const InputOptions *opt) {
 done:
     lines_free(&feat);
     lines_free(&bc);
-    str_set_free(&tset);
-    free(tcount);
     free(fpath);
     free(bpath);
     free(dir);

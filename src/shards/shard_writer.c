@@ -12,6 +12,7 @@
 #include <errno.h>
 #include <libgen.h>
 #include <limits.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -32,9 +33,30 @@ void shard_build_options_default(ShardBuildOptions *o) {
 
 #define AGREE_LEN 1024
 
-int shard_agree(int rc, MPI_Comm comm) {
+static volatile sig_atomic_t g_stop_signal = 0;
+
+static void on_stop_signal(int sig) { g_stop_signal = sig; }
+
+void shard_signals_install(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_stop_signal;
+    sa.sa_flags = SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    signal(SIGXFSZ, SIG_IGN);
+}
+
+// `stoppable`: a stop signal fails the agreement (not once the output is published).
+static int agree(int rc, MPI_Comm comm, int stoppable) {
     int rank = 0, mine, first = INT_MAX;
     CHECK_MPI(MPI_Comm_rank(comm, &rank));
+    int sig = stoppable ? g_stop_signal : 0;
+    if (rc == 0 && sig) {
+        error_set("stopped by %s", sig == SIGINT ? "SIGINT" : "SIGTERM");
+        rc = -1;
+    }
     mine = rc != 0 ? rank : INT_MAX;
     CHECK_MPI(MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, comm));
     if (first == INT_MAX) return 0;
@@ -50,6 +72,8 @@ int shard_agree(int rc, MPI_Comm comm) {
     if (buf[AGREE_LEN]) error_set_hint("%s", buf + AGREE_LEN);
     return -1;
 }
+
+int shard_agree(int rc, MPI_Comm comm) { return agree(rc, comm, 1); }
 
 // ---------------------------------------------------------------------------
 // The output folder
@@ -472,14 +496,32 @@ typedef struct {
     hid_t data, indices, indptr, cell_id, total, dataset, label;
 } ShardFile;
 
-static void shard_file_close(ShardFile *f) {
+// A write into shard `path` failed on this rank (`err`: errno right after it).
+// See shard_writer.h: no agreement, the sink ends every rank.
+static _Noreturn void shard_write_die(const char *path, const char *what, int err) {
+    char cause[320];
+    path_write_cause(path, err, cause, sizeof cause);
+    if (!cause[0]) {
+        error_set_h5("%s", "HDF5");
+        snprintf(cause, sizeof cause, "%s", error_last());
+    }
+    error_die(__FILE__, __LINE__,
+              "make room on the output's file system (or raise the file size limit) and run the "
+              "build again; the partial output is removed",
+              "cannot write shard '%s' (%s): %s", path, what, cause);
+}
+
+// Collective (closing flushes the chunk and metadata caches): a failed flush
+// ends the job (shard_write_die).
+static void shard_file_close(ShardFile *f, const char *path) {
     hid_t *ids[] = {&f->data, &f->indices, &f->indptr, &f->cell_id, &f->total, &f->dataset, &f->label};
+    errno = 0;
     for (size_t i = 0; i < sizeof ids / sizeof *ids; i++) {
-        if (*ids[i] >= 0) H5Dclose(*ids[i]);
+        if (*ids[i] >= 0 && H5Dclose(*ids[i]) < 0) shard_write_die(path, "closing a dataset", errno);
         *ids[i] = H5I_INVALID_HID;
     }
     if (f->dxpl >= 0) H5Pclose(f->dxpl);
-    if (f->file >= 0) H5Fclose(f->file);
+    if (f->file >= 0 && H5Fclose(f->file) < 0) shard_write_die(path, "closing the file", errno);
     f->dxpl = f->file = H5I_INVALID_HID;
 }
 
@@ -562,8 +604,9 @@ cleanup:
 }
 
 // Collective write of `count` values at `start` (count 0: an empty selection).
+// A failed write ends the job (shard_write_die).
 static int write_part(hid_t d, hid_t dxpl, hid_t memtype, int64_t start, size_t count,
-                      const void *buf, const char *what) {
+                      const void *buf, const char *what, const char *path) {
     hsize_t st = (hsize_t)start, cn = count, one = 1;
     hid_t fs = H5Dget_space(d), ms = H5Screate_simple(1, count ? &cn : &one, NULL);
     int64_t dummy = 0;
@@ -576,8 +619,9 @@ static int write_part(hid_t d, hid_t dxpl, hid_t memtype, int64_t start, size_t 
     } else if (H5Sselect_none(fs) < 0 || H5Sselect_none(ms) < 0) {
         rc = error_set_h5("cannot select nothing in %s", what);
     }
+    errno = 0;
     if (rc == 0 && H5Dwrite(d, memtype, ms, fs, dxpl, count ? buf : (const void *)&dummy) < 0)
-        rc = error_set_h5("cannot write %s", what);
+        shard_write_die(path, what, errno);
     if (ms >= 0) H5Sclose(ms);
     if (fs >= 0) H5Sclose(fs);
     return rc;
@@ -613,10 +657,9 @@ static int write_shard_numbers(Ctx *c, size_t s, const char *path, Piece *p) {
         if (c->rank == 0) off = 0;
         CHECK_MPI(MPI_Allreduce(&nnz, &round_nnz, 1, MPI_INT64_T, MPI_SUM, c->comm));
         hsize_t ext = (hsize_t)(written + round_nnz);
-        rc = 0;
-        if (H5Dset_extent(f.data, &ext) < 0) rc = error_set_h5("%s: cannot extend X/data", path);
-        if (H5Dset_extent(f.indices, &ext) < 0) rc = error_set_h5("%s: cannot extend X/indices", path);
-        if ((rc = shard_agree(rc, c->comm)) != 0) break;
+        errno = 0;
+        if (H5Dset_extent(f.data, &ext) < 0) shard_write_die(path, "extending X/data", errno);
+        if (H5Dset_extent(f.indices, &ext) < 0) shard_write_die(path, "extending X/indices", errno);
         // indptr: this rank's cell ends; the leading 0 comes with rank 0's first part.
         int lead = p0 == s0 && c->rank == 0;
         if (p->n + 1 > ptr_cap) {
@@ -628,23 +671,23 @@ static int write_shard_numbers(Ctx *c, size_t s, const char *path, Piece *p) {
         // Collective calls: every rank makes each of them, whatever failed before.
         int64_t at = a - s0;
         rc = 0;
-        rc |= write_part(f.data, f.dxpl, H5T_NATIVE_INT32, written + off, p->nnz, p->count, "X/data");
+        rc |= write_part(f.data, f.dxpl, H5T_NATIVE_INT32, written + off, p->nnz, p->count, "X/data", path);
         rc |= write_part(f.indices, f.dxpl, H5T_NATIVE_INT32, written + off, p->nnz, p->gene,
-                         "X/indices");
+                         "X/indices", path);
         rc |= write_part(f.indptr, f.dxpl, H5T_NATIVE_INT64, lead ? 0 : at + 1, p->n + (size_t)lead,
-                         ptr, "X/indptr");
-        rc |= write_part(f.cell_id, f.dxpl, H5T_NATIVE_INT64, at, p->n, p->cell_id, "obs/cell_id");
-        rc |= write_part(f.total, f.dxpl, H5T_NATIVE_INT64, at, p->n, p->total, "obs/total_counts");
+                         ptr, "X/indptr", path);
+        rc |= write_part(f.cell_id, f.dxpl, H5T_NATIVE_INT64, at, p->n, p->cell_id, "obs/cell_id", path);
+        rc |= write_part(f.total, f.dxpl, H5T_NATIVE_INT64, at, p->n, p->total, "obs/total_counts", path);
         rc |= write_part(f.dataset, f.dxpl, H5T_NATIVE_INT32, at, p->n, p->dataset,
-                         "obs/dataset/codes");
+                         "obs/dataset/codes", path);
         if (c->label_key)
-            rc |= write_part(f.label, f.dxpl, H5T_NATIVE_INT32, at, p->n, p->label, "labels");
+            rc |= write_part(f.label, f.dxpl, H5T_NATIVE_INT32, at, p->n, p->label, "labels", path);
         if ((rc = shard_agree(rc, c->comm)) != 0) break;
         written += round_nnz;
     }
     free(ptr);
 cleanup:
-    shard_file_close(&f);
+    shard_file_close(&f, path);
     return rc != 0 ? -1 : 0;
 }
 
@@ -879,7 +922,13 @@ static int finish_shard(Ctx *c, size_t s, const char *path, int64_t *e) {
         error_set("%s: %s", path, msg);
     }
     if (H5Fclose(file) < 0 && rc == 0) rc = error_set_h5("%s: cannot close the shard", path);
-    if (rc != 0) return -1;
+    if (rc != 0) {
+        // A full disk or a size limit: say so (HDF5's own message does not).
+        char msg[900], cause[320];
+        snprintf(msg, sizeof msg, "%s", error_last());
+        if (path_write_cause(path, errno, cause, sizeof cause)[0]) error_set("%s: %s", msg, cause);
+        return -1;
+    }
     // Checksums, from what reads back (shards/README.md: content_crc32).
     if ((file = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT)) < 0)
         return error_set_h5("cannot reopen shard '%s'", path);
@@ -1062,7 +1111,7 @@ int shard_build(const ShardBuildOptions *opt, Input *const *inputs, size_t n_inp
     }
     piece_free(&piece);
     if (rc == 0) {
-        for (size_t s = (size_t)c.rank; s < n_shards && rc == 0; s += (size_t)c.size) {
+        for (size_t s = (size_t)c.rank; s < n_shards && rc == 0 && !g_stop_signal; s += (size_t)c.size) {
             char *name = shard_name(s), *path = path_join(c.tmp, name);
             rc = finish_shard(&c, s, path, e + s * E_FIELDS);
             free(name);
@@ -1073,7 +1122,8 @@ int shard_build(const ShardBuildOptions *opt, Input *const *inputs, size_t n_inp
     if (rc == 0) {
         CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, e, (int)(n_shards * E_FIELDS), MPI_INT64_T, MPI_SUM, comm));
         if (c.rank == 0) rc = publish(&c, n_shards, e);
-        rc = shard_agree(rc, comm);
+        // A signal during publish() comes too late: the folder is in place.
+        rc = agree(rc, comm, 0);
     }
     if (rc == 0) {
         CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, c.empty, (int)c.n_in, MPI_INT64_T, MPI_SUM, comm));
@@ -1111,10 +1161,13 @@ int shard_build(const ShardBuildOptions *opt, Input *const *inputs, size_t n_inp
         const char *h = error_last_hint();
         snprintf(hint, sizeof hint, "%s", h ? h : "");
         MPI_Barrier(comm);
-        if (c.rank == 0) remove_shard_folder(c.tmp);
+        int removed = c.rank == 0 && remove_shard_folder(c.tmp) == 0;
         MPI_Barrier(comm);
         error_cleanup_remove(c.tmp);
-        error_set("%s", msg);
+        if (removed)
+            error_set("%s; removed the partial output '%s'", msg, c.tmp);
+        else
+            error_set("%s", msg);
         if (hint[0]) error_set_hint("%s", hint);
     }
     free(e);
