@@ -10,6 +10,7 @@
 #include "perfcell/config.h"
 #include "perfcell/model.h"
 #include "perfcell/optim.h"
+#include "perfcell/runlock.h"
 #include "perfcell/stream.h"
 
 #include <mpi.h>
@@ -51,6 +52,7 @@ typedef struct Trainer_ {
     size_t cursor_len;
     char **labels;         // class names stored with checkpoints (finetune)
     size_t n_labels;
+    RunLock lock;          // rank 0: run_dir/perfcell.lock, held until trainer_free()
 } Trainer;
 
 // Parse a training program's command line: --config FILE, key=value overrides,
@@ -65,8 +67,9 @@ typedef struct {
 int train_args_parse(int argc, char **argv, TrainArgs *a, const char *usage);
 
 // Load the config (dies with a clear message on a bad one), check that every
-// rank holds the same configuration, create the run folder (rank 0), save the
-// resolved config there. Collective.
+// rank holds the same configuration, create the run folder and lock it (rank
+// 0; a second command on the same folder is refused with the holder's host and
+// pid). Nothing is written into the folder yet. Collective.
 void trainer_config(Trainer *t, const TrainArgs *a, const ConfigKey *schema, size_t n_schema,
                     const char *kind);
 // Open the shard folder named by data.shards; check the vocabulary (hash of
@@ -115,9 +118,13 @@ typedef struct {
 } StepFlags;
 StepFlags trainer_step_flags(Trainer *t, double *last_ckpt_time, double start_time);
 
-// Metrics (rank 0): one JSON object per line in run_dir/metrics.jsonl. On
-// resume, lines after the resumed step are dropped.
-void trainer_metrics_open(Trainer *t, int resumed);
+// The start is accepted: called after every check that can refuse it, this
+// is the first write into the run folder (checkpoint folder, config.ini,
+// metrics.jsonl). A start refused before it leaves the folder as it was (a
+// folder made for the run is removed again). Collective.
+void trainer_begin(Trainer *t, int resumed);
+// Metrics (rank 0): one JSON object per line in run_dir/metrics.jsonl, opened
+// by trainer_begin(). On resume, lines after the resumed step are dropped.
 void trainer_metrics_write(Trainer *t, const char *json_fields);
 
 void trainer_free(Trainer *t);

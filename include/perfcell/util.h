@@ -27,6 +27,14 @@ char *path_join(const char *dir, const char *name);
 int file_write_synced(const char *path, const void *data, size_t n);
 // Write `data` to `path` atomically: temp file, fsync, rename, fsync of the folder.
 int file_write_atomic(const char *path, const void *data, size_t n);
+// Before writing the output file `out` (and before any work): its folder must
+// exist; it must not be one of the n_inputs files or folders the command reads
+// (compared by device and inode, so another path to the same file, a symlink
+// or a hard link, counts) nor a file inside an input folder; and an existing
+// `out` is refused unless `force`. Returns 0, or -1 with error_set() and a
+// HINT. The output itself is then written to a temporary file in the same
+// folder and renamed over `out`.
+int path_out_check(const char *out, int force, const char *const *inputs, size_t n_inputs);
 // fsync a file or directory by path.
 int path_fsync(const char *path);
 // Read a whole file; returns NULL with error_set() on failure. Adds a NUL byte.

@@ -781,7 +781,6 @@ int cmd_finetune(int argc, char **argv) {
         t.cursor_len = 4;
         memset(t.cursor, 0, sizeof t.cursor);
     }
-    trainer_metrics_open(&t, resumed);
     trainer_install_signals();
 
     Classifier cls;
@@ -800,6 +799,7 @@ int cmd_finetune(int argc, char **argv) {
                  "finetune.solver = lbfgs needs the frozen encoder's cached hidden states, but none are kept: %s",
                  no_cache);
     free(ntok_of);
+    trainer_begin(&t, resumed);
     if (!resumed && cc.kind == CLS_LINEAR) {
         const ParamEntry *sw = param_table_find(&t.model.table, "cls.slot.weight");
         const ParamEntry *sb = param_table_find(&t.model.table, "cls.slot.bias");

@@ -168,7 +168,7 @@ int cmd_pretrain(int argc, char **argv) {
     trainer_build_model(&t, &mc, &table, max_tokens, sub > b ? sub : b, per_cell);
     trainer_load_gene2vec(&t);
     int resumed = trainer_resume(&t, args.resume, NULL);
-    trainer_metrics_open(&t, resumed);
+    trainer_begin(&t, resumed);
     trainer_install_signals();
 
     const int64_t max_steps = config_int(cfg, "run.max_steps");

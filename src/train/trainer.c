@@ -129,16 +129,22 @@ void trainer_config(Trainer *t, const TrainArgs *a, const ConfigKey *schema, siz
     t->run_dir = xstrdup(config_str(t->cfg, "run.dir"));
     const char *cd = config_str(t->cfg, "checkpoint.dir");
     t->ckpt_dir = cd[0] ? xstrdup(cd) : path_join(t->run_dir, "checkpoints");
+    // One run per folder: rank 0 locks the run folder before anything is
+    // written; nothing else is written there until trainer_begin(), after
+    // every check that can refuse the start.
+    runlock_init(&t->lock);
     int ok = 1;
     if (t->rank == 0) {
-        ok = path_mkdir_p(t->run_dir) == 0 && path_mkdir_p(t->ckpt_dir) == 0;
+        int existed = path_exists(t->run_dir);
+        ok = path_mkdir_p(t->run_dir) == 0;
         if (ok) {
-            char *p = path_join(t->run_dir, "config.ini");
-            ok = file_write_atomic(p, t->config_ini, strlen(t->config_ini)) == 0;
+            char *p = path_join(t->run_dir, RUNLOCK_FILE);
+            ok = runlock_acquire(&t->lock, p, t->run_dir) == 0;
             free(p);
         }
+        if (ok && !existed) runlock_own_folder(&t->lock, t->run_dir);
     }
-    agree(ok, "check that run.dir (and checkpoint.dir) can be created and written");
+    agree(ok, "check that run.dir can be created and written");
     train_adam_config(t->cfg, &t->adam);
     t->sched = train_sched_config(t->cfg);
 }
@@ -630,13 +636,30 @@ StepFlags trainer_step_flags(Trainer *t, double *last_ckpt_time, double start_ti
 // ---------------------------------------------------------------------------
 // Metrics
 
+static void metrics_open(Trainer *t, int resumed);
+
 // The "step" of a metrics line, or -1.
 static long long line_step(const char *line) {
     const char *p = strstr(line, "\"step\":");
     return p ? strtoll(p + 7, NULL, 10) : -1;
 }
 
-void trainer_metrics_open(Trainer *t, int resumed) {
+void trainer_begin(Trainer *t, int resumed) {
+    int ok = 1;
+    if (t->rank == 0) {
+        runlock_keep_folder(&t->lock);
+        ok = path_mkdir_p(t->ckpt_dir) == 0;
+        if (ok) {
+            char *p = path_join(t->run_dir, "config.ini");
+            ok = file_write_atomic(p, t->config_ini, strlen(t->config_ini)) == 0;
+            free(p);
+        }
+    }
+    agree(ok, "check that run.dir (and checkpoint.dir) can be created and written");
+    metrics_open(t, resumed);
+}
+
+static void metrics_open(Trainer *t, int resumed) {
     if (t->rank != 0) return;
     char *path = path_join(t->run_dir, "metrics.jsonl");
     if (resumed) {
@@ -697,6 +720,7 @@ void trainer_free(Trainer *t) {
     free(t->run_dir);
     free(t->ckpt_dir);
     config_free(t->cfg);
+    runlock_release(&t->lock);
     memset(t, 0, sizeof *t);
 }
 
