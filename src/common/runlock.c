@@ -5,6 +5,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,9 +27,37 @@ static void release_all(void) {
         if (g_held[i]) runlock_release(g_held[i]);
 }
 
+// A termination signal before the command installs its own handlers (mpirun
+// sends SIGTERM to every rank when one rank aborts, e.g. on a refused start):
+// remove the lock file and the folder made for the command, then die of the
+// signal. unlink() and rmdir() are async-signal-safe.
+static void on_signal(int sig) {
+    for (int i = 0; i < HELD_MAX; i++) {
+        if (!g_held[i]) continue;
+        unlink(g_held[i]->path);
+        if (g_held[i]->folder) rmdir(g_held[i]->folder);
+    }
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
+static void handlers_install(void) {
+    const int sigs[3] = {SIGTERM, SIGINT, SIGHUP};
+    for (int i = 0; i < 3; i++) {
+        struct sigaction old;
+        if (sigaction(sigs[i], NULL, &old) != 0 || old.sa_handler != SIG_DFL) continue;
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_handler = on_signal;
+        sigemptyset(&sa.sa_mask);
+        sigaction(sigs[i], &sa, NULL);
+    }
+}
+
 static void held_add(RunLock *l) {
     if (!g_atexit_done) {
         atexit(release_all);
+        handlers_install();
         g_atexit_done = 1;
     }
     for (int i = 0; i < HELD_MAX; i++) {
