@@ -28,9 +28,9 @@ static const char USAGE[] =
     "accuracy and macro-F1 and, with --report PREFIX, writes PREFIX.tsv and\n"
     "PREFIX.svg (confusion matrix).\n"
     "\n"
-    "The TSV is written to a temporary file next to it and renamed into place, so a\n"
-    "failed run leaves no partial file. An existing --out is refused unless --force\n"
-    "(replace it); --out is never allowed to be the input or the checkpoint.\n";
+    "Each output is written to a temporary file next to it and renamed into place, so\n"
+    "a failed run leaves no partial file. An existing --out (or report) is refused\n"
+    "unless --force (replace it); no output may be the input or the checkpoint.\n";
 
 // The model class matching an input label name, or -1.
 static int class_of(const InferModel *im, const char *name) {
@@ -73,6 +73,14 @@ int cmd_predict(int argc, char **argv) {
         for (int e = 0; e < 2; e++)
             if (strncmp(out, report, rl) == 0 && strcmp(out + rl, ext[e]) == 0)
                 DIE_HINT("choose another --report PREFIX", "--report %s would overwrite --out %s", report, out);
+        // The report files are outputs too: the same checks as --out.
+        const char *inputs[2] = {ia.input, ia.checkpoint};
+        char *rp = xmalloc(rl + 8);
+        for (int e = 0; e < 2; e++) {
+            snprintf(rp, rl + 8, "%s%s", report, ext[e]);
+            CHECK_OK_USER(path_out_check(rp, ia.force, inputs, 2));
+        }
+        free(rp);
     }
     int size = 1;
     MPI_Comm_size(MPI_COMM_WORLD, &size);
