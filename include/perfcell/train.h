@@ -61,6 +61,7 @@ typedef struct {
     const char *config_path;
     const char *resume; // NULL: fresh start
     const char *init;   // finetune: checkpoint to start from
+    int print_config;   // --print-config: print the resolved configuration, run nothing
     const char **overrides;
     size_t n_overrides;
 } TrainArgs;

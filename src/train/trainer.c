@@ -87,6 +87,8 @@ int train_args_parse(int argc, char **argv, TrainArgs *a, const char *usage) {
                 config_print_schema(stdout, TRAIN_SCHEMA, TRAIN_SCHEMA_LEN);
             }
             return 1;
+        } else if (strcmp(s, "--print-config") == 0) {
+            a->print_config = 1;
         } else if (strcmp(s, "--config") == 0 || strcmp(s, "--resume") == 0 ||
                    strcmp(s, "--init") == 0) {
             if (i + 1 >= argc) return error_set("%s needs a value", s);
@@ -125,6 +127,12 @@ void trainer_config(Trainer *t, const TrainArgs *a, const ConfigKey *schema, siz
     CHECK_MPI(MPI_Allreduce(&h, &hi, 1, MPI_UINT64_T, MPI_MAX, MPI_COMM_WORLD));
     if (lo != hi) error_set("the ranks hold different configurations (config hashes differ)");
     agree(lo == hi, "give every rank the same --config file and the same key=value overrides");
+    if (a->print_config) {
+        if (t->rank == 0) fputs(t->config_ini, stdout);
+        fflush(stdout);
+        MPI_Finalize();
+        exit(0);
+    }
     t->seed = (uint64_t)config_int(t->cfg, "run.seed");
     t->run_dir = xstrdup(config_str(t->cfg, "run.dir"));
     const char *cd = config_str(t->cfg, "checkpoint.dir");

@@ -376,6 +376,22 @@ def test_force():
         check(not glob.glob(out + ".tmp.*"), f"{name}: no temporary file is left")
         r = run([PERFCELL, name, "--help"])
         check("--force" in r.stdout, f"{name}: --help documents --force")
+    # The report of predict is an output too.
+    rep = os.path.join(TMP, "report")
+    r = predict(os.path.join(TMP, "p1.tsv"), ["--report", rep])
+    check(r.returncode == 0 and os.path.exists(rep + ".tsv") and os.path.exists(rep + ".svg"),
+          f"predict --report writes PREFIX.tsv and PREFIX.svg ({r.stderr.strip()[-200:]})")
+    if os.path.exists(rep + ".tsv"):
+        with open(rep + ".tsv", "a") as f:
+            f.write("# marker\n")
+        hr = file_hash(rep + ".tsv")
+        r = predict(os.path.join(TMP, "p2.tsv"), ["--report", rep])
+        check(status_ok(r.returncode) and "already exists" in r.stderr and not os.path.exists(os.path.join(TMP, "p2.tsv")),
+              f"predict: an existing report is refused without --force ({r.stderr.strip()[-200:]})")
+        check(file_hash(rep + ".tsv") == hr, "predict: the refused run left the report as it was")
+        r = predict(os.path.join(TMP, "p2.tsv"), ["--report", rep, "--force"])
+        check(r.returncode == 0 and file_hash(rep + ".tsv") != hr, "predict: --force replaces the report")
+        check(not glob.glob(rep + ".*.tmp.*"), "predict: no temporary report file is left")
     if os.path.exists(os.path.join(TMP, "emb.h5ad")):
         import anndata
         a = anndata.read_h5ad(os.path.join(TMP, "emb.h5ad"))
