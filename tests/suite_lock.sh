@@ -2,6 +2,7 @@
 # finetune and perfcell-shard build, starts refused without a trace, and the
 # outputs of embed and predict (never over an input, --force, atomic).
 run lock.pretrain_race 600 "$PYTHON" tests/py/lock_tests.py pretrain
+run lock.stale_lock 600 "$PYTHON" tests/py/lock_tests.py stale
 run lock.finetune_race 600 "$PYTHON" tests/py/lock_tests.py finetune
 run lock.shard_build_race 600 "$PYTHON" tests/py/lock_tests.py shard
 run lock.refused_start_unchanged 600 "$PYTHON" tests/py/lock_tests.py refused

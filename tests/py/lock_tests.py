@@ -5,7 +5,9 @@ without harm, on real pbmc3k data.
     lock_tests.py pretrain   two `perfcell pretrain` started at once into one run folder:
                              one is refused naming the holder's host and pid, the other
                              runs on unharmed (its config.ini, metrics, checkpoints)
-    lock_tests.py finetune   the same for `perfcell finetune`
+    lock_tests.py stale      kill -9 of the holder leaves its lock file; a resumed run takes
+                             it over (flock locks die with their process)
+    lock_tests.py finetune   the same as pretrain for `perfcell finetune`
     lock_tests.py shard      two `perfcell-shard build` started at once into one --out
                              (writes slowed by an LD_PRELOAD shim): one refused naming the
                              other, the other's folder verifies, nothing else left behind
@@ -236,6 +238,59 @@ def train_race(kind):
     finally:
         for p in ps:
             stop(p)
+
+
+def wait_holder(lock, p, not_pid=None, timeout=240):
+    """The pid in the lock file once a holder other than not_pid wrote it (or None)."""
+    t0 = time.time()
+    while time.time() - t0 < timeout and p.poll() is None:
+        try:
+            with open(lock) as f:
+                parts = f.read().split()
+            if len(parts) == 2 and parts[1] != not_pid:
+                return parts[1]
+        except OSError:
+            pass
+        time.sleep(0.2)
+    return None
+
+
+def test_stale():
+    """kill -9 of the holder leaves its lock file behind; it blocks nothing."""
+    d = os.path.join(TMP, "stale")
+    lock = os.path.join(d, "perfcell.lock")
+    p = subprocess.Popen(pretrain_cmd(1, d, ["run.max_steps=100000", "checkpoint.every_steps=1"]),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        ck = os.path.join(d, "checkpoints")
+        t0 = time.time()
+        while p.poll() is None and time.time() - t0 < 240 and not glob.glob(os.path.join(ck, "ckpt-*.h5")):
+            time.sleep(0.2)
+        pid = wait_holder(lock, p)
+        check(pid is not None, "the running pretrain holds the lock")
+        if pid is None:
+            return
+        os.kill(int(pid), signal.SIGKILL)
+        p.wait(timeout=120)
+    finally:
+        stop(p)
+    check(os.path.exists(lock), "kill -9 leaves the lock file behind")
+    q = subprocess.Popen(pretrain_cmd(1, d, ["run.max_steps=100000", "checkpoint.every_steps=1"]) + ["--resume", "auto"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        pid2 = wait_holder(lock, q, not_pid=pid)
+        check(pid2 is not None, f"a resumed run takes the lock over from the dead holder {pid}")
+        lines = []
+        for line in q.stdout:  # SIGUSR1 once it trains (its handler is installed)
+            lines.append(line)
+            if line.startswith("step "):
+                q.send_signal(signal.SIGUSR1)
+                break
+        out = "".join(lines) + q.communicate(timeout=240)[0]
+        check(q.returncode == 0 and "resume:" in out, f"the resumed run ran and stopped cleanly ({q.returncode}: {out.strip()[-300:]})")
+        check(not os.path.exists(lock), "its lock file is gone after it")
+    finally:
+        stop(q)
 
 
 def test_pretrain():
@@ -490,7 +545,7 @@ def test_fullwrite():
 
 def main():
     os.makedirs(TMP, exist_ok=True)
-    tests = {"pretrain": test_pretrain, "finetune": test_finetune, "shard": test_shard,
+    tests = {"pretrain": test_pretrain, "stale": test_stale, "finetune": test_finetune, "shard": test_shard,
              "refused": test_refused, "force": test_force, "input": test_input, "folder": test_folder,
              "fullwrite": test_fullwrite}
     if len(sys.argv) != 2 or sys.argv[1] not in tests:
