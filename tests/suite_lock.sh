@@ -3,6 +3,7 @@
 # outputs of embed and predict (never over an input, --force, atomic).
 run lock.pretrain_race 600 "$PYTHON" tests/py/lock_tests.py pretrain
 run lock.stale_lock 600 "$PYTHON" tests/py/lock_tests.py stale
+run lock.checkpoint_dir_shared 600 "$PYTHON" tests/py/lock_tests.py ckptdir
 run lock.finetune_race 600 "$PYTHON" tests/py/lock_tests.py finetune
 run lock.shard_build_race 600 "$PYTHON" tests/py/lock_tests.py shard
 run lock.refused_start_unchanged 600 "$PYTHON" tests/py/lock_tests.py refused

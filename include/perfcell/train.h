@@ -53,6 +53,7 @@ typedef struct Trainer_ {
     char **labels;         // class names stored with checkpoints (finetune)
     size_t n_labels;
     RunLock lock;          // rank 0: run_dir/perfcell.lock, held until trainer_free()
+    RunLock ckpt_lock;     // rank 0: the same in a checkpoint.dir of its own
 } Trainer;
 
 // Parse a training program's command line: --config FILE, key=value overrides,

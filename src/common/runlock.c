@@ -22,8 +22,9 @@
 static RunLock *g_held[HELD_MAX];
 static int g_atexit_done;
 
+// Newest first: a folder made inside an earlier lock's folder goes first.
 static void release_all(void) {
-    for (int i = 0; i < HELD_MAX; i++)
+    for (int i = HELD_MAX - 1; i >= 0; i--)
         if (g_held[i]) runlock_release(g_held[i]);
 }
 
@@ -32,7 +33,7 @@ static void release_all(void) {
 // remove the lock file and the folder made for the command, then die of the
 // signal. unlink() and rmdir() are async-signal-safe.
 static void on_signal(int sig) {
-    for (int i = 0; i < HELD_MAX; i++) {
+    for (int i = HELD_MAX - 1; i >= 0; i--) {
         if (!g_held[i]) continue;
         unlink(g_held[i]->path);
         if (g_held[i]->folder) rmdir(g_held[i]->folder);

@@ -13,6 +13,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -111,6 +112,22 @@ int train_args_parse(int argc, char **argv, TrainArgs *a, const char *usage) {
 // ---------------------------------------------------------------------------
 // Configuration and run folder
 
+// A checkpoint.dir of its own is locked like the run folder (two runs in two
+// run folders must not share it either), unless it is the run folder itself.
+static int ckpt_dir_lock(Trainer *t) {
+    int existed = path_exists(t->ckpt_dir);
+    if (path_mkdir_p(t->ckpt_dir) != 0) return -1;
+    struct stat a, b;
+    if (stat(t->run_dir, &a) == 0 && stat(t->ckpt_dir, &b) == 0 && a.st_dev == b.st_dev &&
+        a.st_ino == b.st_ino)
+        return 0;
+    char *p = path_join(t->ckpt_dir, RUNLOCK_FILE);
+    int rc = runlock_acquire(&t->ckpt_lock, p, t->ckpt_dir);
+    free(p);
+    if (rc == 0 && !existed) runlock_own_folder(&t->ckpt_lock, t->ckpt_dir);
+    return rc;
+}
+
 void trainer_config(Trainer *t, const TrainArgs *a, const ConfigKey *schema, size_t n_schema,
                     const char *kind) {
     memset(t, 0, sizeof *t);
@@ -141,6 +158,7 @@ void trainer_config(Trainer *t, const TrainArgs *a, const ConfigKey *schema, siz
     // written; nothing else is written there until trainer_begin(), after
     // every check that can refuse the start.
     runlock_init(&t->lock);
+    runlock_init(&t->ckpt_lock);
     int ok = 1;
     if (t->rank == 0) {
         int existed = path_exists(t->run_dir);
@@ -151,8 +169,9 @@ void trainer_config(Trainer *t, const TrainArgs *a, const ConfigKey *schema, siz
             free(p);
         }
         if (ok && !existed) runlock_own_folder(&t->lock, t->run_dir);
+        if (ok && cd[0]) ok = ckpt_dir_lock(t) == 0;
     }
-    agree(ok, "check that run.dir can be created and written");
+    agree(ok, "check that run.dir (and checkpoint.dir) can be created and written");
     train_adam_config(t->cfg, &t->adam);
     t->sched = train_sched_config(t->cfg);
 }
@@ -656,6 +675,7 @@ void trainer_begin(Trainer *t, int resumed) {
     int ok = 1;
     if (t->rank == 0) {
         runlock_keep_folder(&t->lock);
+        runlock_keep_folder(&t->ckpt_lock);
         ok = path_mkdir_p(t->ckpt_dir) == 0;
         if (ok) {
             char *p = path_join(t->run_dir, "config.ini");
@@ -728,6 +748,7 @@ void trainer_free(Trainer *t) {
     free(t->run_dir);
     free(t->ckpt_dir);
     config_free(t->cfg);
+    runlock_release(&t->ckpt_lock);
     runlock_release(&t->lock);
     memset(t, 0, sizeof *t);
 }

@@ -7,6 +7,8 @@ without harm, on real pbmc3k data.
                              runs on unharmed (its config.ini, metrics, checkpoints)
     lock_tests.py stale      kill -9 of the holder leaves its lock file; a resumed run takes
                              it over (flock locks die with their process)
+    lock_tests.py ckptdir    two runs in two run folders sharing a checkpoint.dir: the
+                             second is refused and leaves no run folder
     lock_tests.py finetune   the same as pretrain for `perfcell finetune`
     lock_tests.py shard      two `perfcell-shard build` started at once into one --out
                              (writes slowed by an LD_PRELOAD shim): one refused naming the
@@ -293,6 +295,32 @@ def test_stale():
         stop(q)
 
 
+def test_ckptdir():
+    """Two runs in two run folders sharing one checkpoint.dir: the second is
+    refused, and leaves no run folder."""
+    c = os.path.join(TMP, "shared_ckpt")
+    r1, r2 = os.path.join(TMP, "r1"), os.path.join(TMP, "r2")
+    p = subprocess.Popen(pretrain_cmd(1, r1, ["run.max_steps=100000", f"checkpoint.dir={c}"]),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        pid = wait_holder(os.path.join(c, "perfcell.lock"), p)
+        check(pid is not None, "the first run holds its checkpoint.dir")
+        r = run(pretrain_cmd(1, r2, ["run.max_steps=100000", f"checkpoint.dir={c}"]), timeout=240)
+        check(status_ok(r.returncode) and f"'{c}' is in use by another perfcell command: pid {pid}" in r.stderr,
+              f"a second run into the same checkpoint.dir is refused naming the holder ({r.stderr.strip()[-300:]})")
+        check(not os.path.exists(r2), "the refused run left no run folder")
+        for line in p.stdout:
+            if line.startswith("step "):
+                p.send_signal(signal.SIGUSR1)
+                break
+        out = p.communicate(timeout=240)[0]
+        check(p.returncode == 0, f"the first run stops cleanly ({out.strip()[-200:]})")
+        check(not os.path.exists(os.path.join(c, "perfcell.lock")) and not os.path.exists(os.path.join(r1, "perfcell.lock")),
+              "both of its lock files are gone")
+    finally:
+        stop(p)
+
+
 def test_pretrain():
     train_race("pretrain")
 
@@ -545,7 +573,7 @@ def test_fullwrite():
 
 def main():
     os.makedirs(TMP, exist_ok=True)
-    tests = {"pretrain": test_pretrain, "stale": test_stale, "finetune": test_finetune, "shard": test_shard,
+    tests = {"pretrain": test_pretrain, "stale": test_stale, "ckptdir": test_ckptdir, "finetune": test_finetune, "shard": test_shard,
              "refused": test_refused, "force": test_force, "input": test_input, "folder": test_folder,
              "fullwrite": test_fullwrite}
     if len(sys.argv) != 2 or sys.argv[1] not in tests:
