@@ -525,7 +525,8 @@ def test_folder():
 
 
 def test_fullwrite():
-    # embed into a full tmpfs (a private mount namespace): the old output stays.
+    # embed into a full tmpfs (a private mount namespace): first a new output,
+    # then over an old one with --force; the old one stays.
     mnt = os.path.join(TMP, "mnt")
     os.makedirs(mnt, exist_ok=True)
     out = os.path.join(mnt, "emb.h5ad")
@@ -533,40 +534,57 @@ def test_fullwrite():
     r = embed(good)
     assert r.returncode == 0, r.stderr
     size = os.path.getsize(good)
+    emb = f"{PERFCELL} embed --checkpoint {pretrained()} --input {shards()} --pooling mean"
     # Room for the old file and a third of a new one.
     script = (f"mount -t tmpfs -o size={size + size // 3 + 8192} tmpfs {mnt} && cp {good} {out} && "
               f"sha256sum {out} > {TMP}/before.sum && "
-              f"{PERFCELL} embed --checkpoint {pretrained()} --input {shards()} --out {out} --pooling mean --force; "
-              f"echo rc=$? ; sha256sum -c {TMP}/before.sum && ls -a {mnt}")
+              f"{emb} --out {mnt}/new.h5ad 2>{TMP}/new.err; echo rc_new=$?; rm -f {mnt}/new.h5ad.tmp.*; "
+              f"{emb} --out {out} --force 2>{TMP}/force.err; echo rc_force=$?; "
+              f"sha256sum -c {TMP}/before.sum && echo listing: $(ls -a {mnt})")
     r = run(["unshare", "-m", "--propagation", "private", "sh", "-c", script])
-    rc_line = [ln for ln in r.stdout.splitlines() if ln.startswith("rc=")]
-    rc = int(rc_line[0][3:]) if rc_line else -1
-    if "mount" in r.stderr and not rc_line:
+    rcs = dict(ln.split("=") for ln in r.stdout.splitlines() if ln.startswith("rc_"))
+    if "mount" in r.stderr and not rcs:
         print(f"skip: tmpfs mounts are not allowed here: {r.stderr.strip()}")
     else:
-        check(status_ok(rc), f"embed into a full tmpfs fails cleanly (rc {rc}: {r.stderr.strip()[-300:]})")
-        check(out in r.stderr, "embed: the message names the output")
+        with open(f"{TMP}/new.err") as f:
+            err_new = f.read()
+        with open(f"{TMP}/force.err") as f:
+            err_force = f.read()
+        check(status_ok(int(rcs.get("rc_new", -1))) and f"{mnt}/new.h5ad" in err_new,
+              f"embed of a new output into a full tmpfs fails naming it ({rcs}: {err_new.strip()[-300:]})")
+        check(status_ok(int(rcs.get("rc_force", -1))) and out in err_force,
+              f"embed --force over an old output into a full tmpfs fails naming it ({err_force.strip()[-300:]})")
         check(": OK" in r.stdout, "embed: the previous output is intact")
-        listing = r.stdout.split(": OK")[-1].split()
-        check(sorted(listing) == [".", "..", "emb.h5ad"], f"embed: no temporary file is left ({listing})")
-    # predict under a file-size limit smaller than its output.
-    out = os.path.join(TMP, "pred.tsv")
-    r = predict(out)
-    assert r.returncode == 0, r.stderr
-    h = file_hash(out)
-    # The limit lets the model's vocabulary (a temporary file) through but not
-    # the new output (under mpirun: Open MPI's own files of a singleton do not
-    # fit either).
+        listing = r.stdout.split("listing:")[-1].split()
+        check(sorted(listing) == [".", "..", "emb.h5ad"], f"embed: no partial or temporary file is left ({listing})")
+    # predict under a file-size limit smaller than its output (ulimit -f, which
+    # raises SIGXFSZ). The limit lets the model's vocabulary (a temporary file)
+    # through but not the output; under mpirun, as Open MPI's own files of a
+    # singleton do not fit either.
     big = os.path.join(TMP, "pred_probs.tsv")
     r = predict(big, ["--probabilities"])
     assert r.returncode == 0, r.stderr
     vocab_size = os.path.getsize(os.path.join(shards(), "vocab.tsv"))
     limit = (vocab_size + os.path.getsize(big)) // 2
     assert vocab_size < limit < os.path.getsize(big)
-    r = run(MPIRUN + ["-np", "1", "prlimit", f"--fsize={limit}", PERFCELL, "predict", "--checkpoint", finetuned(),
-                      "--input", shards(), "--out", out, "--probabilities", "--force"])
-    check(status_ok(r.returncode), f"predict over a file-size limit fails cleanly (rc {r.returncode}: {r.stderr.strip()[-300:]})")
-    check(out in r.stderr or ".tmp." in r.stderr, f"predict: the message names the file ({r.stderr.strip()[-200:]})")
+
+    def limited(out, more=()):
+        return run(MPIRUN + ["-np", "1", "prlimit", f"--fsize={limit}", PERFCELL, "predict", "--checkpoint",
+                             finetuned(), "--input", shards(), "--out", out, "--probabilities"] + list(more))
+
+    new = os.path.join(TMP, "pred_new.tsv")
+    r = limited(new)
+    check(status_ok(r.returncode) and f"cannot write '{new}'" in r.stderr,
+          f"predict over a file-size limit fails naming the output (rc {r.returncode}: {r.stderr.strip()[-300:]})")
+    check(not os.path.exists(new) and not glob.glob(new + ".tmp.*"),
+          f"predict: no partial or temporary file is left ({glob.glob(new + '*')})")
+    out = os.path.join(TMP, "pred.tsv")
+    r = predict(out)
+    assert r.returncode == 0, r.stderr
+    h = file_hash(out)
+    r = limited(out, ["--force"])
+    check(status_ok(r.returncode) and f"cannot write '{out}'" in r.stderr,
+          f"predict --force over a file-size limit fails naming the output ({r.stderr.strip()[-200:]})")
     check(file_hash(out) == h, "predict: the previous output is intact")
     check(not glob.glob(out + ".tmp.*"), f"predict: no temporary file is left ({glob.glob(out + '.tmp.*')})")
 
