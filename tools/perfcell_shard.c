@@ -295,10 +295,11 @@ static int out_lock(RunLock *lock, const char *out) {
     strcpy(path + n, ".lock");
     char *copy = xstrdup(path);
     char *parent = dirname(copy);
-    int existed = path_is_dir(parent);
+    char *top = path_first_missing(parent);
     int rc = path_mkdir_p(parent);
     if (rc == 0) rc = runlock_acquire(lock, path, out);
-    if (rc == 0 && !existed) runlock_own_folder(lock, parent);
+    if (rc == 0) runlock_own_folder(lock, parent, top);
+    free(top);
     free(copy);
     free(path);
     return rc;

@@ -17,13 +17,16 @@
 #ifndef PERFCELL_RUNLOCK_H
 #define PERFCELL_RUNLOCK_H
 
+#include <stddef.h>
+
 // The name of the lock file inside a run folder.
 #define RUNLOCK_FILE "perfcell.lock"
 
 typedef struct {
     int fd;         // -1 while not held
     char *path;     // the lock file
-    char *folder;   // a folder made for this command, removed with the lock until kept; or NULL
+    char **made;    // folders made for this command, deepest first, removed with the lock until kept
+    size_t n_made;
 } RunLock;
 
 void runlock_init(RunLock *l);
@@ -32,10 +35,12 @@ void runlock_init(RunLock *l);
 // host and pid when another command holds it. The lock is released by
 // runlock_release(), and also when the process exits or dies on an error.
 int runlock_acquire(RunLock *l, const char *path, const char *what);
-// `folder` was created by this command just before the lock was taken: until
-// runlock_keep_folder(), releasing the lock (or dying) removes it again, so a
-// refused start leaves no trace. The folder must hold nothing but the lock file.
-void runlock_own_folder(RunLock *l, const char *folder);
+// `folder` was created by this command just before the lock was taken, and
+// with it every folder from `top` (path_first_missing() before the folder was
+// made; NULL: nothing was made) down: until runlock_keep_folder(), releasing
+// the lock (or dying) removes them again, so a refused start leaves no trace.
+// They must hold nothing but the lock file.
+void runlock_own_folder(RunLock *l, const char *folder, const char *top);
 // The command starts writing into its folder: keep it whatever happens next.
 void runlock_keep_folder(RunLock *l);
 // Remove the lock file and release the lock (a no-op when not held).

@@ -19,6 +19,9 @@ size_t mem_peak_rss(void);  // peak resident set size of this process, bytes
 int path_is_dir(const char *path);
 int path_exists(const char *path);
 int path_mkdir_p(const char *path);
+// The shortest prefix of `path` (at a '/') that does not exist: the first
+// folder path_mkdir_p() would make. NULL when `path` exists. Malloc'ed.
+char *path_first_missing(const char *path);
 int64_t path_file_size(const char *path); // -1 if missing
 // Join two path parts into a new string.
 char *path_join(const char *dir, const char *name);

@@ -36,7 +36,7 @@ static void on_signal(int sig) {
     for (int i = HELD_MAX - 1; i >= 0; i--) {
         if (!g_held[i]) continue;
         unlink(g_held[i]->path);
-        if (g_held[i]->folder) rmdir(g_held[i]->folder);
+        for (size_t k = 0; k < g_held[i]->n_made; k++) rmdir(g_held[i]->made[k]);
     }
     signal(sig, SIG_DFL);
     raise(sig);
@@ -80,7 +80,8 @@ static void held_remove(RunLock *l) {
 void runlock_init(RunLock *l) {
     l->fd = -1;
     l->path = NULL;
-    l->folder = NULL;
+    l->made = NULL;
+    l->n_made = 0;
 }
 
 // The holder's "HOST PID" text, or "" while the holder has not written it yet
@@ -156,19 +157,38 @@ int runlock_acquire(RunLock *l, const char *path, const char *what) {
     return 0;
 }
 
-void runlock_own_folder(RunLock *l, const char *folder) {
-    if (l->fd < 0) return;
-    l->folder = xstrdup(folder);
-    // Registered after the lock file, so a fatal error removes the lock file
-    // first and then the (then empty) folder.
-    error_cleanup_add(l->folder);
+void runlock_own_folder(RunLock *l, const char *folder, const char *top) {
+    if (l->fd < 0 || !top) return;
+    // The prefixes of `folder` from `top` down to it, deepest first.
+    size_t n = strlen(folder), t = strlen(top);
+    while (n > 1 && folder[n - 1] == '/') n--;
+    while (t > 1 && top[t - 1] == '/') t--;
+    if (t > n || strncmp(folder, top, t) != 0) return;
+    size_t count = 1;
+    for (size_t i = t; i < n; i++) count += folder[i] == '/' && folder[i - 1] != '/';
+    l->made = xcalloc(count, sizeof *l->made);
+    for (size_t i = n; i >= t && l->n_made < count; i--) {
+        if (i == n || (folder[i] == '/' && folder[i - 1] != '/')) {
+            char *d = xmalloc(i + 1);
+            memcpy(d, folder, i);
+            d[i] = '\0';
+            l->made[l->n_made++] = d;
+            // Registered after the lock file and deepest first, so a fatal
+            // error removes the lock file and then each (then empty) folder.
+            error_cleanup_add(d);
+        }
+        if (i == 0) break;
+    }
 }
 
 void runlock_keep_folder(RunLock *l) {
-    if (!l->folder) return;
-    error_cleanup_remove(l->folder);
-    free(l->folder);
-    l->folder = NULL;
+    for (size_t k = 0; k < l->n_made; k++) {
+        error_cleanup_remove(l->made[k]);
+        free(l->made[k]);
+    }
+    free(l->made);
+    l->made = NULL;
+    l->n_made = 0;
 }
 
 void runlock_release(RunLock *l) {
@@ -180,10 +200,8 @@ void runlock_release(RunLock *l) {
     error_cleanup_remove(l->path);
     close(l->fd);
     l->fd = -1;
-    if (l->folder) {
-        rmdir(l->folder);
-        runlock_keep_folder(l);
-    }
+    for (size_t k = 0; k < l->n_made; k++) rmdir(l->made[k]);
+    runlock_keep_folder(l);
     free(l->path);
     l->path = NULL;
 }

@@ -95,6 +95,19 @@ int path_out_check(const char *out, int force, const char *const *inputs, size_t
     return rc;
 }
 
+char *path_first_missing(const char *path) {
+    if (path_exists(path)) return NULL;
+    char *tmp = xstrdup(path);
+    size_t n = strlen(tmp);
+    for (size_t i = 1; i < n; i++) {
+        if (tmp[i] != '/' || tmp[i - 1] == '/') continue;
+        tmp[i] = '\0';
+        if (!path_exists(tmp)) return tmp;
+        tmp[i] = '/';
+    }
+    return tmp;
+}
+
 int path_mkdir_p(const char *path) {
     char *tmp = xstrdup(path);
     size_t n = strlen(tmp);

@@ -115,16 +115,22 @@ int train_args_parse(int argc, char **argv, TrainArgs *a, const char *usage) {
 // A checkpoint.dir of its own is locked like the run folder (two runs in two
 // run folders must not share it either), unless it is the run folder itself.
 static int ckpt_dir_lock(Trainer *t) {
-    int existed = path_exists(t->ckpt_dir);
-    if (path_mkdir_p(t->ckpt_dir) != 0) return -1;
+    char *top = path_first_missing(t->ckpt_dir);
+    if (path_mkdir_p(t->ckpt_dir) != 0) {
+        free(top);
+        return -1;
+    }
     struct stat a, b;
     if (stat(t->run_dir, &a) == 0 && stat(t->ckpt_dir, &b) == 0 && a.st_dev == b.st_dev &&
-        a.st_ino == b.st_ino)
+        a.st_ino == b.st_ino) {
+        free(top);
         return 0;
+    }
     char *p = path_join(t->ckpt_dir, RUNLOCK_FILE);
     int rc = runlock_acquire(&t->ckpt_lock, p, t->ckpt_dir);
     free(p);
-    if (rc == 0 && !existed) runlock_own_folder(&t->ckpt_lock, t->ckpt_dir);
+    if (rc == 0) runlock_own_folder(&t->ckpt_lock, t->ckpt_dir, top);
+    free(top);
     return rc;
 }
 
@@ -161,14 +167,15 @@ void trainer_config(Trainer *t, const TrainArgs *a, const ConfigKey *schema, siz
     runlock_init(&t->ckpt_lock);
     int ok = 1;
     if (t->rank == 0) {
-        int existed = path_exists(t->run_dir);
+        char *top = path_first_missing(t->run_dir);
         ok = path_mkdir_p(t->run_dir) == 0;
         if (ok) {
             char *p = path_join(t->run_dir, RUNLOCK_FILE);
             ok = runlock_acquire(&t->lock, p, t->run_dir) == 0;
             free(p);
         }
-        if (ok && !existed) runlock_own_folder(&t->lock, t->run_dir);
+        if (ok) runlock_own_folder(&t->lock, t->run_dir, top);
+        free(top);
         if (ok && cd[0]) ok = ckpt_dir_lock(t) == 0;
     }
     agree(ok, "check that run.dir (and checkpoint.dir) can be created and written");

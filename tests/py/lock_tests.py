@@ -430,8 +430,13 @@ def test_refused():
     r = run(pretrain_cmd(4, fresh))
     check(status_ok(r.returncode), f"a fresh start on 4 ranks is refused ({r.returncode})")
     check(not os.path.exists(fresh), f"the refused fresh start left no run folder ({tree_hash(fresh)})")
-    check(os.listdir(TMP + "/fresh") == [] if os.path.exists(TMP + "/fresh") else True,
-          "nothing is left in the folder above it")
+    check(not os.path.exists(os.path.join(TMP, "fresh")), "nor the folder above it, which it made")
+    # The same for a shard build refused (no such vocabulary) into a new folder.
+    r = run([SHARD, "build", H5AD, "--vocab", os.path.join(TMP, "no-such-vocab.tsv"),
+             "--out", os.path.join(TMP, "new", "deeper", "shards")])
+    check(status_ok(r.returncode) and "no-such-vocab.tsv" in r.stderr,
+          f"a shard build without its vocabulary is refused ({r.stderr.strip()[-200:]})")
+    check(not os.path.exists(os.path.join(TMP, "new")), "the refused build left none of the folders it made")
 
 
 def embed(out, extra=(), input_=None, ckpt=None):
