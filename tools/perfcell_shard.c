@@ -5,10 +5,13 @@
 #include "perfcell/log.h"
 #include "perfcell/manifest.h"
 #include "perfcell/mpienv.h"
+#include "perfcell/runlock.h"
 #include "perfcell/shard_writer.h"
 #include "perfcell/util.h"
 #include "perfcell/vocab.h"
 
+#include <libgen.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -47,7 +50,9 @@ static const char *BUILD_USAGE =
     "\n"
     "Write the inputs' cells (inputs in order, cells in input order) as a shard folder:\n"
     "shard-NNNNN.h5ad files (AnnData, raw counts in vocabulary order, Zstandard-compressed),\n"
-    "vocab.tsv and manifest.tsv. The result does not depend on N.\n"
+    "vocab.tsv and manifest.tsv. The result does not depend on N. The folder is written\n"
+    "as DIR.partial and renamed into place; while a build runs, DIR.lock names its host\n"
+    "and pid, and a second build into the same DIR is refused.\n"
     "\n"
     "options:\n"
     "  --vocab FILE        the gene vocabulary (required; make one with `perfcell-shard vocab`)\n"
@@ -279,8 +284,33 @@ static int cmd_vocab(const Args *a) {
     return 0;
 }
 
+// One build per --out: rank 0 locks OUT.lock, next to the folder, before
+// anything is written (the folder above OUT is created when missing, and
+// removed again if the build is refused before it starts writing).
+static int out_lock(RunLock *lock, const char *out) {
+    size_t n = strlen(out);
+    while (n > 1 && out[n - 1] == '/') n--;
+    char *path = xmalloc(n + 8);
+    memcpy(path, out, n);
+    strcpy(path + n, ".lock");
+    char *copy = xstrdup(path);
+    char *parent = dirname(copy);
+    char *top = path_first_missing(parent);
+    int rc = path_mkdir_p(parent);
+    if (rc == 0) rc = runlock_acquire(lock, path, out);
+    if (rc == 0) runlock_own_folder(lock, parent, top);
+    free(top);
+    free(copy);
+    free(path);
+    return rc;
+}
+
 static int cmd_build(const Args *a) {
-    int rc = mpienv_rank() == 0 ? shard_out_check(a->out, a->force) : 0;
+    RunLock lock;
+    runlock_init(&lock);
+    int rc = mpienv_rank() == 0 ? out_lock(&lock, a->out) : 0;
+    if (shard_agree(rc, MPI_COMM_WORLD) != 0) die_agreed();
+    rc = mpienv_rank() == 0 ? shard_out_check(a->out, a->force) : 0;
     if (shard_agree(rc, MPI_COMM_WORLD) != 0) die_agreed();
     Vocab v;
     rc = vocab_load(&v, a->vocab);
@@ -299,6 +329,7 @@ static int cmd_build(const Args *a) {
     o.piece_cells = (size_t)a->piece;
     o.dataset_names = a->n_names ? a->names : NULL;
     ShardBuildReport rep;
+    runlock_keep_folder(&lock);
     if (shard_build(&o, in, a->n_inputs, &v, MPI_COMM_WORLD, &rep) != 0) die_agreed();
     if (mpienv_rank() == 0 && !a->quiet) {
         shard_build_report_print(&rep, stdout);
@@ -308,6 +339,9 @@ static int cmd_build(const Args *a) {
     shard_build_report_free(&rep);
     close_inputs(in, a->n_inputs);
     vocab_free(&v);
+    // Every rank is done with the folder before the lock goes.
+    MPI_Barrier(MPI_COMM_WORLD);
+    runlock_release(&lock);
     return 0;
 }
 
@@ -315,6 +349,9 @@ int main(int argc, char **argv) {
     // Before MPI starts: a size limit met while it sets up must fail a write, not kill.
     shard_signals_install();
     mpienv_init(&argc, &argv);
+    // A file-size limit (ulimit -f) must fail a write with EFBIG and a message
+    // (the partial folder removed), not kill the process.
+    signal(SIGXFSZ, SIG_IGN);
     if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 ||
         strcmp(argv[1], "help") == 0) {
         if (mpienv_rank() == 0) fputs(USAGE, argc < 2 ? stderr : stdout);

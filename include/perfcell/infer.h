@@ -39,15 +39,18 @@ void infer_model_close(InferModel *im);
 typedef struct {
     const char *checkpoint, *input, *out, *label_key, *layer;
     int use_raw;
+    int force;  // replace an existing --out
     long batch; // cells per forward pass (default 16)
 } InferArgs;
 
 // If argv[*i] is one of the shared options (--checkpoint, --input, --out,
-// --label-key, --layer, --use-raw, --batch), take it (and its value, moving
+// --label-key, --layer, --use-raw, --force, --batch), take it (and its value, moving
 // *i past it) and return 1; return 0 for any other argument. Dies with a
 // hint naming `command` on a missing or bad value.
 int infer_args_take(InferArgs *a, int argc, char **argv, int *i, const char *command);
-// Dies unless --checkpoint, --input and --out were given.
+// Dies unless --checkpoint, --input and --out were given, and unless --out can
+// be written without harm (path_out_check(): its folder exists, it is neither
+// the input nor the checkpoint, it does not exist yet or --force was given).
 void infer_args_require(const InferArgs *a, const char *command);
 
 // The cells of an input, in order, in batches.

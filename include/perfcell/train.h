@@ -10,6 +10,7 @@
 #include "perfcell/config.h"
 #include "perfcell/model.h"
 #include "perfcell/optim.h"
+#include "perfcell/runlock.h"
 #include "perfcell/stream.h"
 
 #include <mpi.h>
@@ -53,6 +54,8 @@ typedef struct Trainer_ {
     size_t cursor_len;
     char **labels;         // class names stored with checkpoints (finetune)
     size_t n_labels;
+    RunLock lock;          // rank 0: run_dir/perfcell.lock, held until trainer_free()
+    RunLock ckpt_lock;     // rank 0: the same in a checkpoint.dir of its own
 } Trainer;
 
 // Parse a training program's command line: --config FILE, key=value overrides,
@@ -61,14 +64,16 @@ typedef struct {
     const char *config_path;
     const char *resume; // NULL: fresh start
     const char *init;   // finetune: checkpoint to start from
+    int print_config;   // --print-config: print the resolved configuration, run nothing
     const char **overrides;
     size_t n_overrides;
 } TrainArgs;
 int train_args_parse(int argc, char **argv, TrainArgs *a, const char *usage);
 
 // Load the config (dies with a clear message on a bad one), check that every
-// rank holds the same configuration, create the run folder (rank 0), save the
-// resolved config there. Collective.
+// rank holds the same configuration, create the run folder and lock it (rank
+// 0; a second command on the same folder is refused with the holder's host and
+// pid). Nothing is written into the folder yet. Collective.
 void trainer_config(Trainer *t, const TrainArgs *a, const ConfigKey *schema, size_t n_schema,
                     const char *kind);
 // Open the shard folder named by data.shards; check the vocabulary (hash of
@@ -117,15 +122,19 @@ typedef struct {
 } StepFlags;
 StepFlags trainer_step_flags(Trainer *t, double *last_ckpt_time, double start_time);
 
-// Metrics (rank 0): one JSON object per line in run_dir/metrics.jsonl. On
-// resume, lines after the resumed step are dropped. Each line goes out in one
-// checked write(); a write that fails (ENOSPC, EFBIG, EIO...) is cut back to
-// the previous line's end, so the file never holds half a line, and the run
-// stops with the error at its next collective point (trainer_step_flags,
+// The start is accepted: called after every check that can refuse it, this
+// is the first write into the run folder (checkpoint folder, config.ini,
+// metrics.jsonl). A start refused before it leaves the folder as it was (a
+// folder made for the run is removed again). Collective.
+void trainer_begin(Trainer *t, int resumed);
+// Metrics (rank 0): one JSON object per line in run_dir/metrics.jsonl, opened
+// by trainer_begin() (an open that fails stops every rank). On resume, lines
+// after the resumed step are dropped. Each line goes out in one checked
+// write(); a write that fails (ENOSPC, EFBIG, EIO...) is cut back to the
+// previous line's end, so the file never holds half a line, and the run stops
+// with the error at its next collective point (trainer_step_flags,
 // trainer_checkpoint, trainer_free) before any further checkpoint: exit 1,
 // the last checkpoint's metrics all on disk, --resume auto continues.
-// trainer_metrics_open is collective (an open that fails stops every rank).
-void trainer_metrics_open(Trainer *t, int resumed);
 void trainer_metrics_write(Trainer *t, const char *json_fields);
 
 // Collective: a metrics write that failed since the last check ends the run

@@ -19,6 +19,9 @@ size_t mem_peak_rss(void);  // peak resident set size of this process, bytes
 int path_is_dir(const char *path);
 int path_exists(const char *path);
 int path_mkdir_p(const char *path);
+// The shortest prefix of `path` (at a '/') that does not exist: the first
+// folder path_mkdir_p() would make. NULL when `path` exists. Malloc'ed.
+char *path_first_missing(const char *path);
 int64_t path_file_size(const char *path); // -1 if missing
 // Join two path parts into a new string.
 char *path_join(const char *dir, const char *name);
@@ -32,6 +35,14 @@ int file_write_atomic(const char *path, const void *data, size_t n);
 // write error, else what the file system and the limits show (the folder's file
 // system full, the file at the size limit of ulimit -f); "" when none shows.
 const char *path_write_cause(const char *path, int err, char *buf, size_t len);
+// Before writing the output file `out` (and before any work): its folder must
+// exist; it must not be one of the n_inputs files or folders the command reads
+// (compared by device and inode, so another path to the same file, a symlink
+// or a hard link, counts) nor a file inside an input folder; and an existing
+// `out` is refused unless `force`. Returns 0, or -1 with error_set() and a
+// HINT. The output itself is then written to a temporary file in the same
+// folder and renamed over `out`.
+int path_out_check(const char *out, int force, const char *const *inputs, size_t n_inputs);
 // fsync a file or directory by path.
 int path_fsync(const char *path);
 // Read a whole file; returns NULL with error_set() on failure. Adds a NUL byte.

@@ -16,7 +16,7 @@
 static const char USAGE[] =
     "usage: perfcell embed --checkpoint CKPT --input PATH --out cells.h5ad\n"
     "                      [--pooling last|mean] [--batch N] [--label-key COL]\n"
-    "                      [--layer NAME | --use-raw]\n"
+    "                      [--layer NAME | --use-raw] [--force]\n"
     "\n"
     "Writes one vector per cell of PATH (a shard folder, or an .h5ad / 10x input\n"
     "aligned to the model's vocabulary) to an .h5ad: obsm['X_perfcell'] holds the\n"
@@ -24,7 +24,11 @@ static const char USAGE[] =
     "or its mean over the cell's positions; obs holds the cell names, cell ids\n"
     "and labels (when the input has them) and, for shard folders, the split\n"
     "(train / validation) the checkpoint's pretraining held out. Any pretraining or fine-tuning\n"
-    "checkpoint works. Open it with anndata.read_h5ad.\n";
+    "checkpoint works. Open it with anndata.read_h5ad.\n"
+    "\n"
+    "The output is written to a temporary file next to it and renamed into place, so\n"
+    "a failed run leaves no partial file. An existing --out is refused unless --force\n"
+    "(replace it); --out is never allowed to be the input or the checkpoint.\n";
 
 // An AnnData categorical column: codes (int16/int32) and categories.
 static int write_categorical(hid_t obs, const char *name, const int32_t *codes, size_t n,
@@ -224,8 +228,10 @@ int cmd_embed(int argc, char **argv) {
         uint64_t ss = (uint64_t)config_int(im.cfg, "data.split_seed");
         for (size_t c = 0; c < n_cells; c++) split[c] = stream_is_validation(ss, vf, (int64_t)c);
     }
-    CHECK_OK_HINT(write_h5ad(tmp, &src, emb, n_cells, C, im.path, pooling, split),
-                  "check that the folder of --out exists, is writable and has space");
+    if (write_h5ad(tmp, &src, emb, n_cells, C, im.path, pooling, split) != 0)
+        DIE_HINT("check that the folder of --out is writable and has space; an existing --out is "
+                 "left as it was",
+                 "cannot write '%s' (temporary %s): %s", out, tmp, error_last());
     if (path_fsync(tmp) != 0 || rename(tmp, out) != 0)
         DIE("cannot move '%s' to '%s': %s", tmp, out, strerror(errno));
     error_cleanup_remove(tmp);

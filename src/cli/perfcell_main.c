@@ -5,6 +5,7 @@
 #include "perfcell/pretrain.h"
 #include "perfcell/zstd_filter.h"
 
+#include <signal.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -39,6 +40,9 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < sizeof COMMANDS / sizeof *COMMANDS; i++) {
         if (strcmp(argv[1], COMMANDS[i].name) != 0) continue;
         mpienv_init(&argc, &argv);
+        // A file-size limit (ulimit -f) must fail a write with EFBIG, so that
+        // the error path removes the temporary output, not kill the process.
+        signal(SIGXFSZ, SIG_IGN);
         CHECK_OK(zstd_filter_register());
         int rc = COMMANDS[i].fn(argc - 2, argv + 2);
         mpienv_finalize();

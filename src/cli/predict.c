@@ -17,6 +17,7 @@ static const char USAGE[] =
     "usage: perfcell predict --checkpoint CKPT|RUN_DIR/best --input PATH --out pred.tsv\n"
     "                        [--threshold P] [--batch N] [--probabilities]\n"
     "                        [--label-key COL] [--layer NAME | --use-raw] [--report PREFIX]\n"
+    "                        [--force]\n"
     "\n"
     "Annotates every cell of PATH (a shard folder, or an .h5ad / 10x HDF5 / 10x\n"
     "MatrixMarket input aligned to the model's vocabulary on the fly) with the\n"
@@ -25,7 +26,11 @@ static const char USAGE[] =
     "below the threshold (default 0.5, as scBERT) are 'Unassigned'. When the\n"
     "input has labels (shards with labels, or --label-key for an .h5ad), prints\n"
     "accuracy and macro-F1 and, with --report PREFIX, writes PREFIX.tsv and\n"
-    "PREFIX.svg (confusion matrix).\n";
+    "PREFIX.svg (confusion matrix).\n"
+    "\n"
+    "Each output is written to a temporary file next to it and renamed into place, so\n"
+    "a failed run leaves no partial file. An existing --out (or report) is refused\n"
+    "unless --force (replace it); no output may be the input or the checkpoint.\n";
 
 // The model class matching an input label name, or -1.
 static int class_of(const InferModel *im, const char *name) {
@@ -68,6 +73,14 @@ int cmd_predict(int argc, char **argv) {
         for (int e = 0; e < 2; e++)
             if (strncmp(out, report, rl) == 0 && strcmp(out + rl, ext[e]) == 0)
                 DIE_HINT("choose another --report PREFIX", "--report %s would overwrite --out %s", report, out);
+        // The report files are outputs too: the same checks as --out.
+        const char *inputs[2] = {ia.input, ia.checkpoint};
+        char *rp = xmalloc(rl + 8);
+        for (int e = 0; e < 2; e++) {
+            snprintf(rp, rl + 8, "%s%s", report, ext[e]);
+            CHECK_OK_USER(path_out_check(rp, ia.force, inputs, 2));
+        }
+        free(rp);
     }
     int size = 1;
     MPI_Comm_size(MPI_COMM_WORLD, &size);
@@ -144,7 +157,8 @@ int cmd_predict(int argc, char **argv) {
     }
     if (n < 0) DIE("%s", error_last());
     if (fflush(f) != 0 || ferror(f) || fsync(fileno(f)) != 0 || fclose(f) != 0)
-        DIE("cannot write '%s': %s", tmp, strerror(errno));
+        DIE_HINT("check that the folder of --out has space; an existing --out is left as it was",
+                 "cannot write '%s' (temporary %s): %s", out, tmp, strerror(errno));
     if (rename(tmp, out) != 0) DIE("cannot rename '%s' to '%s': %s", tmp, out, strerror(errno));
     error_cleanup_remove(tmp);
     double dt = time_now() - t0;

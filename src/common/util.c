@@ -92,6 +92,51 @@ const char *path_write_cause(const char *path, int err, char *buf, size_t len) {
     return buf;
 }
 
+int path_out_check(const char *out, int force, const char *const *inputs, size_t n_inputs) {
+    char *copy = xstrdup(out);
+    char *dir = dirname(copy);
+    int rc = 0;
+    struct stat so, sd, si;
+    if (stat(dir, &sd) != 0 || !S_ISDIR(sd.st_mode)) {
+        rc = error_set("cannot write '%s': the output folder '%s' does not exist", out, dir);
+        error_set_hint("create the folder first (mkdir -p '%s'), or correct the path", dir);
+    } else if (stat(out, &so) == 0) {
+        for (size_t i = 0; i < n_inputs && rc == 0; i++) {
+            if (!inputs[i] || stat(inputs[i], &si) != 0) continue;
+            if (si.st_dev == so.st_dev && si.st_ino == so.st_ino) {
+                rc = error_set("output '%s' is the input '%s' (the same file); writing it would destroy "
+                               "the input", out, inputs[i]);
+            } else if (S_ISDIR(si.st_mode) && si.st_dev == sd.st_dev && si.st_ino == sd.st_ino) {
+                rc = error_set("output '%s' is a file of the input folder '%s'; writing it would "
+                               "damage the input", out, inputs[i]);
+            }
+            if (rc != 0) error_set_hint("choose another --out (--force never replaces an input)");
+        }
+        if (rc == 0 && S_ISDIR(so.st_mode)) {
+            rc = error_set("output '%s' exists and is a folder", out);
+            error_set_hint("give a file name to --out");
+        } else if (rc == 0 && !force) {
+            rc = error_set("output '%s' already exists", out);
+            error_set_hint("pass --force to replace it, or choose another --out");
+        }
+    }
+    free(copy);
+    return rc;
+}
+
+char *path_first_missing(const char *path) {
+    if (path_exists(path)) return NULL;
+    char *tmp = xstrdup(path);
+    size_t n = strlen(tmp);
+    for (size_t i = 1; i < n; i++) {
+        if (tmp[i] != '/' || tmp[i - 1] == '/') continue;
+        tmp[i] = '\0';
+        if (!path_exists(tmp)) return tmp;
+        tmp[i] = '/';
+    }
+    return tmp;
+}
+
 int path_mkdir_p(const char *path) {
     char *tmp = xstrdup(path);
     size_t n = strlen(tmp);

@@ -39,7 +39,11 @@ static const char USAGE[] =
     "(finetune.cache_mib) and the linear head's readout may be trained by\n"
     "full-batch L-BFGS on them (finetune.solver = lbfgs). Early stopping on validation\n"
     "macro-F1. Writes RUN_DIR/best/ (the best model, for `perfcell predict`),\n"
-    "RUN_DIR/report_val.{tsv,svg} and, with a test split, RUN_DIR/report_test.*\n";
+    "RUN_DIR/report_val.{tsv,svg} and, with a test split, RUN_DIR/report_test.*\n"
+    "One run per folder: a second command on the same RUN_DIR is refused (the\n"
+    "lock file RUN_DIR/perfcell.lock names the running one's host and pid), and a\n"
+    "start refused for any reason leaves RUN_DIR as it was.\n"
+    "--print-config prints the resolved configuration and exits (no run).\n";
 
 typedef struct {
     int64_t *id;
@@ -607,7 +611,7 @@ int cmd_finetune(int argc, char **argv) {
     int rc = train_args_parse(argc, argv, &args, USAGE);
     if (rc == 1) return 0;
     if (rc != 0) DIE_HINT("see `perfcell finetune --help`", "%s", error_last());
-    if (!args.init && !args.resume)
+    if (!args.init && !args.resume && !args.print_config)
         DIE_HINT("give the pretrained checkpoint: --init RUN_DIR/checkpoints/ckpt-XXXXXXXX.h5",
                  "perfcell finetune needs --init (or --resume to continue a fine-tuning run)");
 
@@ -781,7 +785,6 @@ int cmd_finetune(int argc, char **argv) {
         t.cursor_len = 4;
         memset(t.cursor, 0, sizeof t.cursor);
     }
-    trainer_metrics_open(&t, resumed);
     trainer_install_signals();
 
     Classifier cls;
@@ -800,6 +803,7 @@ int cmd_finetune(int argc, char **argv) {
                  "finetune.solver = lbfgs needs the frozen encoder's cached hidden states, but none are kept: %s",
                  no_cache);
     free(ntok_of);
+    trainer_begin(&t, resumed);
     if (!resumed && cc.kind == CLS_LINEAR) {
         const ParamEntry *sw = param_table_find(&t.model.table, "cls.slot.weight");
         const ParamEntry *sb = param_table_find(&t.model.table, "cls.slot.bias");

@@ -254,8 +254,9 @@ int infer_args_take(InferArgs *a, int argc, char **argv, int *i, const char *com
     const char *opt = argv[*i];
     char hint[96];
     snprintf(hint, sizeof hint, "see `perfcell %s --help`", command);
-    if (strcmp(opt, "--use-raw") == 0) {
-        a->use_raw = 1;
+    if (strcmp(opt, "--use-raw") == 0 || strcmp(opt, "--force") == 0) {
+        if (opt[2] == 'u') a->use_raw = 1;
+        else a->force = 1;
         return 1;
     }
     const char **dst = strcmp(opt, "--checkpoint") == 0  ? &a->checkpoint
@@ -277,8 +278,11 @@ int infer_args_take(InferArgs *a, int argc, char **argv, int *i, const char *com
 }
 
 void infer_args_require(const InferArgs *a, const char *command) {
-    if (a->checkpoint && a->input && a->out) return;
-    char hint[160];
-    snprintf(hint, sizeof hint, "perfcell %s --checkpoint CKPT --input PATH --out FILE", command);
-    DIE_HINT(hint, "--checkpoint, --input and --out are required");
+    if (!a->checkpoint || !a->input || !a->out) {
+        char hint[160];
+        snprintf(hint, sizeof hint, "perfcell %s --checkpoint CKPT --input PATH --out FILE", command);
+        DIE_HINT(hint, "--checkpoint, --input and --out are required");
+    }
+    const char *inputs[2] = {a->input, a->checkpoint};
+    CHECK_OK_USER(path_out_check(a->out, a->force, inputs, 2));
 }

@@ -27,7 +27,11 @@ static const char USAGE[] =
     "Checkpoints go to RUN_DIR/checkpoints; SIGTERM or SIGUSR1 make the run\n"
     "checkpoint at the next step boundary and exit 0; --resume auto continues\n"
     "from the newest complete checkpoint (on any number of ranks that divides\n"
-    "the global batch's micro-batches).\n";
+    "the global batch's micro-batches).\n"
+    "One run per folder: a second command on the same RUN_DIR is refused (the\n"
+    "lock file RUN_DIR/perfcell.lock names the running one's host and pid), and a\n"
+    "start refused for any reason leaves RUN_DIR as it was.\n"
+    "--print-config prints the resolved configuration and exits (no run).\n";
 
 // Masks of validation passes use a fixed key so successive passes compare.
 #define VAL_STEP 0x7fffffff
@@ -168,7 +172,7 @@ int cmd_pretrain(int argc, char **argv) {
     trainer_build_model(&t, &mc, &table, max_tokens, sub > b ? sub : b, per_cell);
     trainer_load_gene2vec(&t);
     int resumed = trainer_resume(&t, args.resume, NULL);
-    trainer_metrics_open(&t, resumed);
+    trainer_begin(&t, resumed);
     trainer_install_signals();
 
     const int64_t max_steps = config_int(cfg, "run.max_steps");

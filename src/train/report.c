@@ -2,6 +2,7 @@
 #include "perfcell/report.h"
 
 #include "perfcell/error.h"
+#include "perfcell/util.h"
 
 #include <errno.h>
 #include <math.h>
@@ -93,13 +94,31 @@ static void xml_escape(FILE *f, const char *s) {
     }
 }
 
+// Each file is composed in memory and written atomically (temporary file,
+// rename): a failed write leaves an older report as it was.
+static FILE *report_open(char **buf, size_t *len) {
+    FILE *f = open_memstream(buf, len);
+    if (!f) error_set("cannot compose a report: %s", strerror(errno));
+    return f;
+}
+
+static int report_commit(FILE *f, char **buf, size_t *len, const char *path) {
+    int bad = ferror(f);
+    int rc = fclose(f) != 0 || bad ? error_set("cannot compose '%s'", path) : 0;
+    if (rc == 0) rc = file_write_atomic(path, *buf, *len);
+    free(*buf);
+    *buf = NULL;
+    return rc;
+}
+
 int confusion_write(const Confusion *c, const char *prefix, const char *title) {
     size_t n = strlen(prefix) + 8;
     char *path = xmalloc(n);
     snprintf(path, n, "%s.tsv", prefix);
-    FILE *f = fopen(path, "w");
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = report_open(&buf, &len);
     if (!f) {
-        error_set("cannot write '%s': %s", path, strerror(errno));
         free(path);
         return -1;
     }
@@ -121,18 +140,15 @@ int confusion_write(const Confusion *c, const char *prefix, const char *title) {
         for (size_t j = 0; j <= c->K; j++) fprintf(f, "\t%lld", (long long)c->cm[i * (c->K + 1) + j]);
         fputc('\n', f);
     }
-    int bad = ferror(f);
-    if (fclose(f) != 0 || bad) {
-        error_set("cannot write '%s'", path);
+    if (report_commit(f, &buf, &len, path) != 0) {
         free(path);
         return -1;
     }
 
     // The heatmap: rows normalised by support, the count in each cell.
     snprintf(path, n, "%s.svg", prefix);
-    f = fopen(path, "w");
+    f = report_open(&buf, &len);
     if (!f) {
-        error_set("cannot write '%s': %s", path, strerror(errno));
         free(path);
         return -1;
     }
@@ -173,12 +189,7 @@ int confusion_write(const Confusion *c, const char *prefix, const char *title) {
         }
     }
     fputs("</svg>\n", f);
-    bad = ferror(f);
-    if (fclose(f) != 0 || bad) {
-        error_set("cannot write '%s'", path);
-        free(path);
-        return -1;
-    }
+    int rc = report_commit(f, &buf, &len, path);
     free(path);
-    return 0;
+    return rc;
 }

@@ -14,6 +14,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -88,6 +89,8 @@ int train_args_parse(int argc, char **argv, TrainArgs *a, const char *usage) {
                 config_print_schema(stdout, TRAIN_SCHEMA, TRAIN_SCHEMA_LEN);
             }
             return 1;
+        } else if (strcmp(s, "--print-config") == 0) {
+            a->print_config = 1;
         } else if (strcmp(s, "--config") == 0 || strcmp(s, "--resume") == 0 ||
                    strcmp(s, "--init") == 0) {
             if (i + 1 >= argc) return error_set("%s needs a value", s);
@@ -110,6 +113,28 @@ int train_args_parse(int argc, char **argv, TrainArgs *a, const char *usage) {
 // ---------------------------------------------------------------------------
 // Configuration and run folder
 
+// A checkpoint.dir of its own is locked like the run folder (two runs in two
+// run folders must not share it either), unless it is the run folder itself.
+static int ckpt_dir_lock(Trainer *t) {
+    char *top = path_first_missing(t->ckpt_dir);
+    if (path_mkdir_p(t->ckpt_dir) != 0) {
+        free(top);
+        return -1;
+    }
+    struct stat a, b;
+    if (stat(t->run_dir, &a) == 0 && stat(t->ckpt_dir, &b) == 0 && a.st_dev == b.st_dev &&
+        a.st_ino == b.st_ino) {
+        free(top);
+        return 0;
+    }
+    char *p = path_join(t->ckpt_dir, RUNLOCK_FILE);
+    int rc = runlock_acquire(&t->ckpt_lock, p, t->ckpt_dir);
+    free(p);
+    if (rc == 0) runlock_own_folder(&t->ckpt_lock, t->ckpt_dir, top);
+    free(top);
+    return rc;
+}
+
 void trainer_config(Trainer *t, const TrainArgs *a, const ConfigKey *schema, size_t n_schema,
                     const char *kind) {
     memset(t, 0, sizeof *t);
@@ -127,18 +152,33 @@ void trainer_config(Trainer *t, const TrainArgs *a, const ConfigKey *schema, siz
     CHECK_MPI(MPI_Allreduce(&h, &hi, 1, MPI_UINT64_T, MPI_MAX, MPI_COMM_WORLD));
     if (lo != hi) error_set("the ranks hold different configurations (config hashes differ)");
     agree(lo == hi, "give every rank the same --config file and the same key=value overrides");
+    if (a->print_config) {
+        if (t->rank == 0) fputs(t->config_ini, stdout);
+        fflush(stdout);
+        MPI_Finalize();
+        exit(0);
+    }
     t->seed = (uint64_t)config_int(t->cfg, "run.seed");
     t->run_dir = xstrdup(config_str(t->cfg, "run.dir"));
     const char *cd = config_str(t->cfg, "checkpoint.dir");
     t->ckpt_dir = cd[0] ? xstrdup(cd) : path_join(t->run_dir, "checkpoints");
+    // One run per folder: rank 0 locks the run folder before anything is
+    // written; nothing else is written there until trainer_begin(), after
+    // every check that can refuse the start.
+    runlock_init(&t->lock);
+    runlock_init(&t->ckpt_lock);
     int ok = 1;
     if (t->rank == 0) {
-        ok = path_mkdir_p(t->run_dir) == 0 && path_mkdir_p(t->ckpt_dir) == 0;
+        char *top = path_first_missing(t->run_dir);
+        ok = path_mkdir_p(t->run_dir) == 0;
         if (ok) {
-            char *p = path_join(t->run_dir, "config.ini");
-            ok = file_write_atomic(p, t->config_ini, strlen(t->config_ini)) == 0;
+            char *p = path_join(t->run_dir, RUNLOCK_FILE);
+            ok = runlock_acquire(&t->lock, p, t->run_dir) == 0;
             free(p);
         }
+        if (ok) runlock_own_folder(&t->lock, t->run_dir, top);
+        free(top);
+        if (ok && cd[0]) ok = ckpt_dir_lock(t) == 0;
     }
     agree(ok, "check that run.dir (and checkpoint.dir) can be created and written");
     train_adam_config(t->cfg, &t->adam);
@@ -729,13 +769,32 @@ StepFlags trainer_step_flags(Trainer *t, double *last_ckpt_time, double start_ti
 // ---------------------------------------------------------------------------
 // Metrics
 
+static void metrics_open(Trainer *t, int resumed);
+
 // The "step" of a metrics line, or -1.
 static long long line_step(const char *line) {
     const char *p = strstr(line, "\"step\":");
     return p ? strtoll(p + 7, NULL, 10) : -1;
 }
 
-void trainer_metrics_open(Trainer *t, int resumed) {
+void trainer_begin(Trainer *t, int resumed) {
+    int ok = 1;
+    if (t->rank == 0) {
+        runlock_keep_folder(&t->lock);
+        runlock_keep_folder(&t->ckpt_lock);
+        ok = path_mkdir_p(t->ckpt_dir) == 0;
+        if (ok) {
+            char *p = path_join(t->run_dir, "config.ini");
+            ok = file_write_atomic(p, t->config_ini, strlen(t->config_ini)) == 0;
+            free(p);
+        }
+    }
+    agree(ok, "check that run.dir (and checkpoint.dir) can be created and written");
+    metrics_open(t, resumed);
+}
+
+// Collective: an open that fails stops every rank.
+static void metrics_open(Trainer *t, int resumed) {
     int ok = 1;
     if (t->rank == 0) {
         char *path = path_join(t->run_dir, "metrics.jsonl");
@@ -850,6 +909,8 @@ void trainer_free(Trainer *t) {
     free(t->run_dir);
     free(t->ckpt_dir);
     config_free(t->cfg);
+    runlock_release(&t->ckpt_lock);
+    runlock_release(&t->lock);
     memset(t, 0, sizeof *t);
 }
 

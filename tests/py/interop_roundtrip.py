@@ -173,15 +173,14 @@ def main() -> None:
     cfg = scbert_interop.ini_values(scbert_interop.read_checkpoint(ck).config)
     keys = ["data.mode", "model.dim", "model.depth", "model.heads", "model.dim_head", "model.nb_features",
             "model.ff_dim", "model.bins", "model.gene_emb", "finetune.head", "finetune.hidden"]
-    # perfcell pretrain writes RUN_DIR/config.ini before it looks for shards (none are given
-    # here, so it then stops): that file is config_to_ini() of the resolved configuration.
-    subprocess.run([os.path.join(BIN, "perfcell"), "pretrain", "--config", empty, f"run.dir={run_dir}",
-                    *[f"{k}={cfg[k]}" for k in keys]], capture_output=True, text=True)
-    ini = os.path.join(run_dir, "config.ini")
-    check(os.path.exists(ini), "perfcell pretrain wrote no config.ini")
-    if os.path.exists(ini):
-        with open(ini, encoding="utf-8") as f:
-            want = f.read().replace(f"dir = {run_dir}\n", "dir = runs/pretrain\n", 1)
+    # `perfcell pretrain --print-config` prints config_to_ini() of the resolved
+    # configuration (what a run saves as RUN_DIR/config.ini) and runs nothing.
+    pc = subprocess.run([os.path.join(BIN, "perfcell"), "pretrain", "--config", empty, "--print-config",
+                         f"run.dir={run_dir}", *[f"{k}={cfg[k]}" for k in keys]], capture_output=True, text=True)
+    check(pc.returncode == 0 and pc.stdout.startswith("["), f"perfcell pretrain --print-config failed: {pc.stderr}")
+    check(not os.path.exists(run_dir), "perfcell pretrain --print-config created the run folder")
+    if pc.returncode == 0:
+        want = pc.stdout.replace(f"dir = {run_dir}\n", "dir = runs/pretrain\n", 1)
         got = scbert_interop.read_checkpoint(ck).config
         check(got == want, f"/config differs from perfcell's resolved configuration:\n{got}\n---\n{want}")
     check(cfg["model.dim"] == str(CONFIG.dim) and cfg["model.heads"] == str(CONFIG.heads)
