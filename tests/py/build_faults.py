@@ -133,8 +133,10 @@ def rank_pids(out):
 def signal_build(target, sig):
     out = os.path.join(TMP, f"sig_{target}_{sig}")
     signum = getattr(signal, "SIG" + sig)
-    # Small pieces and shards: the build takes seconds, with many points to stop at.
-    cmd = build_args(out, "--shard-cells", "300", "--piece-cells", "20")
+    # Small pieces and shards, slow compression: the build takes seconds after
+    # its second shard appears (a busy machine must not let it finish first),
+    # with many points to stop at.
+    cmd = build_args(out, "--shard-cells", "100", "--piece-cells", "10", "--level", "19")
     np = 1 if target == "single" else 2
     if np > 1:
         cmd = mpi(np, cmd)
