@@ -30,7 +30,7 @@
 // read by one rank, once per epoch; with block_cells <= the micro-batch a
 // stream holds no piece between micro-batches, and a piece split over two
 // micro-batches is read twice. (A resumed run reads the piece it resumes in
-// once more.)
+// once more, and stream_replay() reads a step's cells again.)
 //
 // The validation split is a stable hash of the cell id (RNG_SPLIT keyed by
 // split_seed): the same cells are held out whatever the seed, the batch or the

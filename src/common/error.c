@@ -62,8 +62,13 @@ static void cleanup_folder(const char *path) {
 
 static void cleanup_files(void) {
     // Best effort and lock-free on purpose: we may be dying while holding the lock.
-    for (int i = 0; i < CLEANUP_MAX; i++) {
-        if (g_cleanup[i] && unlink(g_cleanup[i]) != 0 && errno == EISDIR) cleanup_folder(g_cleanup[i]);
+    // Twice: a folder registered before another folder made inside it (a
+    // checkpoint.dir inside a new run.dir) is empty only on the second pass.
+    for (int pass = 0; pass < 2; pass++) {
+        for (int i = 0; i < CLEANUP_MAX; i++) {
+            if (g_cleanup[i] && unlink(g_cleanup[i]) != 0 && errno == EISDIR)
+                cleanup_folder(g_cleanup[i]);
+        }
     }
 }
 

@@ -239,8 +239,9 @@ static int load_piece(Stream *s, ShardReader *reader, const EpochPlan *P, LocalS
     L->cached = SIZE_MAX;
     cellbatch_clear(&L->cache);
     if (id0 < 0 || id1 < 0)
-        return error_set("internal: piece [%u, %u) of the block at cell %lld not found", pc->lo,
-                         pc->hi, (long long)B->first);
+        return error_set("%s: internal: piece [%u, %u) of the block at cell %lld not found",
+                         shard_reader_manifest(s->reader)->folder, pc->lo, pc->hi,
+                         (long long)B->first);
     if (shard_reader_read(reader, id0, id1, &L->cache) != 0) return -1;
     ti = ti0;
     size_t ne = 0;
@@ -285,8 +286,8 @@ static int take(Stream *s, ShardReader *reader, const EpochPlan *P, LocalStream 
     cellbatch_clear(out);
     while (need > 0) {
         if (L->p >= P->n)
-            return error_set("internal: stream %zu ran out of cells in epoch %lld", L->j,
-                             (long long)P->epoch);
+            return error_set("%s: internal: stream %zu ran out of cells in epoch %lld",
+                             shard_reader_manifest(s->reader)->folder, L->j, (long long)P->epoch);
         size_t cells = (size_t)(P->start[L->p + 1] - P->start[L->p]);
         if (L->off < cells) {
             if (L->cached != L->p || L->cached_epoch != P->epoch) {
@@ -455,7 +456,6 @@ Stream *stream_open(const Manifest *m, const StreamConfig *cfg, int rank, int si
     }
     s->reader = shard_reader_open_manifest(m, SHARD_LAZY | (c.skip_file_crc ? 0 : SHARD_CHECK_CRC));
     plan_init(&s->p_plan, s->n_blocks, s->k);
-    plan_init(&s->r_plan, s->n_blocks, s->k);
     s->ls = xcalloc(s->m, sizeof *s->ls);
     for (size_t l = 0; l < s->m; l++)
         local_stream_init(&s->ls[l], (size_t)rank + l * (size_t)size, c.block_cells);
@@ -598,9 +598,10 @@ int stream_cursor_set(Stream *s, const int64_t *cur, size_t len) {
                              "perfcell); this run has %zu streams of micro-batches of %zu: the "
                              "global batch or the micro-batch changed",
                              len - 2, (long long)cur[2], s->k, s->cfg.micro_batch);
-        log_warn("stream: the checkpoint's cursor is from an earlier perfcell whose epochs skipped "
-                 "cells; continuing at epoch %lld, step %lld in today's order",
-                 (long long)cur[0], (long long)cur[1]);
+        if (s->rank == 0)
+            log_warn("stream: the checkpoint's cursor is from an earlier perfcell whose epochs "
+                     "skipped cells; continuing at epoch %lld, step %lld in today's order",
+                     (long long)cur[0], (long long)cur[1]);
     } else {
         return error_set("stream: a cursor of %zu values that is neither of this perfcell (%d) "
                          "nor of an earlier one",
@@ -634,6 +635,7 @@ int stream_replay(Stream *s, size_t i, CellBatch *out) {
     if (!s->r_valid) return error_set("stream: no micro-batch returned yet, nothing to replay");
     if (i >= s->m)
         return error_set("stream: micro-batch %zu of a step replayed, this rank has %zu", i, s->m);
+    if (!s->r_plan.perm) plan_init(&s->r_plan, s->n_blocks, s->k); // first replay
     plan_epoch(s, s->r_epoch, &s->r_plan);
     LocalStream *L = &s->r_ls;
     L->j = (size_t)s->rank + i * (size_t)s->size;

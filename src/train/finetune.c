@@ -785,7 +785,6 @@ int cmd_finetune(int argc, char **argv) {
         t.cursor_len = 4;
         memset(t.cursor, 0, sizeof t.cursor);
     }
-    trainer_install_signals();
 
     Classifier cls;
     classifier_init(&cls, &t.model, &cc);
@@ -804,6 +803,7 @@ int cmd_finetune(int argc, char **argv) {
                  no_cache);
     free(ntok_of);
     trainer_begin(&t, resumed);
+    trainer_install_signals();
     if (!resumed && cc.kind == CLS_LINEAR) {
         const ParamEntry *sw = param_table_find(&t.model.table, "cls.slot.weight");
         const ParamEntry *sb = param_table_find(&t.model.table, "cls.slot.bias");

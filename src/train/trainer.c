@@ -396,10 +396,23 @@ static const char *const RESUME_KEYS[] = {
 
 // The data stream's cursor (and fine-tuning's position in an epoch) counts
 // steps of this batch geometry: it cannot be continued with another one.
+// With batch.global_batch = 0 the global batch is micro_batch x accumulation
+// x ranks: accumulation is compared too (the rank count is not stored; the
+// stream's cursor, which holds the global batch, catches it in pretraining).
 static int compare_geometry(const char *ckpt_path, const Config *old, const Config *now) {
     if (config_int(old, "batch.global_batch") == config_int(now, "batch.global_batch") &&
-        config_int(old, "batch.micro_batch") == config_int(now, "batch.micro_batch"))
+        config_int(old, "batch.micro_batch") == config_int(now, "batch.micro_batch") &&
+        (config_int(now, "batch.global_batch") != 0 ||
+         config_int(old, "batch.accumulation") == config_int(now, "batch.accumulation")))
         return 0;
+    if (config_int(now, "batch.global_batch") == 0 &&
+        config_int(old, "batch.accumulation") != config_int(now, "batch.accumulation")) {
+        error_set("%s was written with batch.accumulation = %ld (batch.global_batch = 0); this run has "
+                  "batch.accumulation = %ld: its data position cannot be continued with another global batch",
+                  ckpt_path, config_int(old, "batch.accumulation"), config_int(now, "batch.accumulation"));
+        return error_set_hint("resume with batch.accumulation=%ld on as many ranks, or start a new run.dir",
+                              config_int(old, "batch.accumulation"));
+    }
     error_set("%s was written with batch.micro_batch = %ld, batch.global_batch = %ld; this run has "
               "batch.micro_batch = %ld, batch.global_batch = %ld: its data position cannot be continued "
               "with another batch geometry",
@@ -560,9 +573,15 @@ int trainer_resume(Trainer *t, const char *spec, CkptState *out) {
                         sizeof t->cursor / sizeof *t->cursor);
     }
     free(cursor);
-    agree(ok, "the data stream of the checkpoint cannot be continued with this batch configuration "
-              "(the global batch and micro-batch must stay the same)");
     char *p = bcast_string(path);
+    if (!ok) {
+        char msg[1024];
+        snprintf(msg, sizeof msg, "%s", error_last());
+        error_set("%s: %s", p, msg);
+    }
+    agree(ok, "the data stream of the checkpoint cannot be continued with this batch configuration: "
+              "the global batch (batch.global_batch, or micro_batch x accumulation x ranks when it "
+              "is 0) and the micro-batch must stay the same");
     log_info("resume: %s at step %lld", p, (long long)t->step);
     free(p);
     if (out) {

@@ -431,6 +431,13 @@ def test_refused():
     check(status_ok(r.returncode), f"a fresh start on 4 ranks is refused ({r.returncode})")
     check(not os.path.exists(fresh), f"the refused fresh start left no run folder ({tree_hash(fresh)})")
     check(not os.path.exists(os.path.join(TMP, "fresh")), "nor the folder above it, which it made")
+    # The same with a checkpoint.dir inside the new run folder (two locks, the
+    # second folder inside the first).
+    nested = os.path.join(TMP, "nested", "run")
+    r = run(pretrain_cmd(4, nested, ["checkpoint.dir=" + os.path.join(nested, "ck")]))
+    check(status_ok(r.returncode), f"a fresh start with its checkpoint.dir inside, on 4 ranks, is refused ({r.returncode})")
+    check(not os.path.exists(os.path.join(TMP, "nested")),
+          f"it left none of the folders it made ({[w[0] for w in os.walk(os.path.join(TMP, 'nested'))]})")
     # The same for a shard build refused (no such vocabulary) into a new folder.
     r = run([SHARD, "build", H5AD, "--vocab", os.path.join(TMP, "no-such-vocab.tsv"),
              "--out", os.path.join(TMP, "new", "deeper", "shards")])
