@@ -113,8 +113,10 @@ int train_args_parse(int argc, char **argv, TrainArgs *a, const char *usage) {
 // ---------------------------------------------------------------------------
 // Configuration and run folder
 
-// A checkpoint.dir of its own is locked like the run folder (two runs in two
-// run folders must not share it either), unless it is the run folder itself.
+// The checkpoint folder is locked like the run folder, the default
+// RUN_DIR/checkpoints too (two runs in two run folders must not share it,
+// whether it is one's default and the other's checkpoint.dir or both set it),
+// unless it is the run folder itself.
 static int ckpt_dir_lock(Trainer *t) {
     char *top = path_first_missing(t->ckpt_dir);
     if (path_mkdir_p(t->ckpt_dir) != 0) {
@@ -178,7 +180,7 @@ void trainer_config(Trainer *t, const TrainArgs *a, const ConfigKey *schema, siz
         }
         if (ok) runlock_own_folder(&t->lock, t->run_dir, top);
         free(top);
-        if (ok && cd[0]) ok = ckpt_dir_lock(t) == 0;
+        if (ok) ok = ckpt_dir_lock(t) == 0;
     }
     agree(ok, "check that run.dir (and checkpoint.dir) can be created and written");
     train_adam_config(t->cfg, &t->adam);

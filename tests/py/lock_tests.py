@@ -296,7 +296,8 @@ def test_stale():
 
 
 def test_ckptdir():
-    """Two runs in two run folders sharing one checkpoint.dir: the second is
+    """Two runs in two run folders sharing one checkpoint.dir, or one run's
+    checkpoint.dir the other's default checkpoints folder: the second is
     refused, and leaves no run folder."""
     c = os.path.join(TMP, "shared_ckpt")
     r1, r2 = os.path.join(TMP, "r1"), os.path.join(TMP, "r2")
@@ -317,6 +318,27 @@ def test_ckptdir():
         check(p.returncode == 0, f"the first run stops cleanly ({out.strip()[-200:]})")
         check(not os.path.exists(os.path.join(c, "perfcell.lock")) and not os.path.exists(os.path.join(r1, "perfcell.lock")),
               "both of its lock files are gone")
+    finally:
+        stop(p)
+    # A run whose checkpoint.dir is another running run's default checkpoints folder.
+    r3, r4 = os.path.join(TMP, "r3"), os.path.join(TMP, "r4")
+    default = os.path.join(r3, "checkpoints")
+    p = subprocess.Popen(pretrain_cmd(1, r3, ["run.max_steps=100000"]),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        pid = wait_holder(os.path.join(default, "perfcell.lock"), p)
+        check(pid is not None, "a run holds its default checkpoints folder")
+        r = run(pretrain_cmd(1, r4, ["run.max_steps=100000", f"checkpoint.dir={default}"]), timeout=240)
+        check(status_ok(r.returncode) and f"'{default}' is in use by another perfcell command: pid {pid}" in r.stderr,
+              f"a second run with that folder as its checkpoint.dir is refused ({r.stderr.strip()[-300:]})")
+        check(not os.path.exists(r4), "the refused run left no run folder")
+        for line in p.stdout:
+            if line.startswith("step "):
+                p.send_signal(signal.SIGUSR1)
+                break
+        out = p.communicate(timeout=240)[0]
+        check(p.returncode == 0, f"the first run stops cleanly ({out.strip()[-200:]})")
+        check(not os.path.exists(os.path.join(default, "perfcell.lock")), "its checkpoints folder's lock file is gone")
     finally:
         stop(p)
 
