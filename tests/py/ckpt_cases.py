@@ -36,15 +36,21 @@ OLD_CKPT = os.path.join(ROOT, "tests", "data", "ckpt_before_root_crc.h5")
 TENSOR = "model/performer.net.layers.1.0.fn.to_out.weight"
 
 
-def run(cmd, expect_ok=True):
+def run_logged(cmd):
+    """Run cmd (bounded by TIME_LIMIT), print its command line and output."""
     print("$", " ".join(cmd), flush=True)
     try:
         r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(),
                            timeout=TIME_LIMIT)
     except subprocess.TimeoutExpired as e:
         print(e.stdout or "")
-        fail("no answer within %d s" % TIME_LIMIT)
+        fail("no answer within %d s: the program hangs" % TIME_LIMIT)
     print(r.stdout)
+    return r
+
+
+def run(cmd, expect_ok=True):
+    r = run_logged(cmd)
     if expect_ok and r.returncode != 0:
         fail("exit status %d, expected 0" % r.returncode)
     return r.stdout
@@ -54,14 +60,7 @@ def refused(cmd, parts, absent=(), intact=()):
     """Like expect_refusal, for messages whose words are paths (tensor names):
     every string of `parts` must appear in the output as is. Returns it."""
     before = {p: digest(p) for p in intact}
-    print("$", " ".join(cmd), flush=True)
-    try:
-        r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(),
-                           timeout=TIME_LIMIT)
-    except subprocess.TimeoutExpired as e:
-        print(e.stdout or "")
-        fail("no answer within %d s: the program hangs" % TIME_LIMIT)
-    print(r.stdout)
+    r = run_logged(cmd)
     problems = []
     if not 0 < r.returncode < 128:
         problems.append("exit status %d, expected 1..127" % r.returncode)
